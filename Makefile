@@ -1,0 +1,22 @@
+# make train: the paper's Model 2 (improved, five classes); make test: the default test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: install train test test-slow
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+train: install
+	$(PY) train.py model=improved data=five_class $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)

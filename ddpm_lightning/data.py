@@ -1,0 +1,197 @@
+"""CIFAR-10 in its standard python format, class subsets held as one uint8 tensor, batch-level transforms."""
+
+import pickle
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ddpm_lightning.errors import ConfigError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+SPLIT_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are pickles of numpy arrays and lists: refuse any other global."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise ConfigError(f"CIFAR-10 file {path} is missing; restore it or delete {path.parent} so it is downloaded again") from None
+    except Exception as e:  # truncated, corrupt or not a CIFAR pickle at all
+        raise ConfigError(f"cannot read CIFAR-10 file {path} ({type(e).__name__}: {e}); replace it, or delete {path.parent} so it is downloaded again") from None
+
+
+def ensure_cifar10(root: str | Path, download: bool = True, url: str = CIFAR10_URL) -> Path:
+    """The ``cifar-10-batches-py`` folder under root; downloads and checks the official archive if absent.
+
+    An existing copy is read as it is (copies made elsewhere have other checksums).
+    """
+    folder = Path(root) / FOLDER
+    if folder.is_dir():
+        return folder
+    hint = f"put CIFAR-10 in its python format at {folder} or set data.root=PATH to an existing copy"
+    if not download:
+        raise ConfigError(f"CIFAR-10 not found at {folder} and data.download=false; {hint}")
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(url, download_root=str(root), md5=CIFAR10_MD5)
+    except Exception as e:  # no network, refused connection, bad checksum
+        raise ConfigError(f"CIFAR-10 not found at {folder} and its download failed ({type(e).__name__}: {e}); {hint}") from None
+    if not folder.is_dir():
+        raise ConfigError(f"the archive from {url} did not contain {FOLDER}/; {hint}")
+    return folder
+
+
+def class_indices(classes: list[str]) -> list[int]:
+    """CIFAR-10 label numbers of the named classes, in the listed order."""
+    unknown = [c for c in classes if c not in CIFAR10_CLASSES]
+    if unknown or not classes:
+        raise ConfigError(f"data.classes has unknown class names {unknown or classes}; choose from {', '.join(CIFAR10_CLASSES)}")
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"data.classes lists a class twice ({list(classes)}); list each class once")
+    return [CIFAR10_CLASSES.index(c) for c in classes]
+
+
+def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels remapped to 0..K-1 in the order of ``classes``."""
+    wanted = class_indices(classes)
+    meta = _load_batch(folder / "batches.meta")
+    names = list(meta.get("label_names", []))
+    if names[: len(CIFAR10_CLASSES)] != list(CIFAR10_CLASSES):
+        raise ConfigError(f"{folder / 'batches.meta'} lists classes {names}, not CIFAR-10's; point data.root at a CIFAR-10 copy")
+    remap = np.full(len(CIFAR10_CLASSES), -1, dtype=np.int64)
+    remap[wanted] = np.arange(len(wanted))
+    images, labels = [], []
+    for name in SPLIT_FILES[split]:
+        batch = _load_batch(folder / name)
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = remap[np.asarray(batch["labels"], dtype=np.int64)]
+        except (KeyError, ValueError, IndexError) as e:
+            raise ConfigError(f"CIFAR-10 file {folder / name} is malformed ({e}); replace it or delete {folder} to download again") from None
+        keep = y >= 0
+        images.append(data[keep])
+        labels.append(y[keep])
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of the batch horizontally with probability p, in one batched op."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class _IndexBatches(Dataset):
+    """Indexed with a whole list of indices at once: one gather per batch, no per-image Python."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx)
+        return self.images[idx], self.labels[idx]
+
+
+class EpochBatchSampler(Sampler):
+    """A fresh permutation every epoch (seed + epoch, the same on every rank), cut into global batches of
+    batch_size x world_size; each rank takes its slice. Incomplete batches are dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        global_batch = self.batch_size * self.world_size
+        for start in range(0, len(self) * global_batch, global_batch):
+            yield perm[start + self.rank * self.batch_size : start + (self.rank + 1) * self.batch_size].tolist()
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """A CIFAR-10 class subset: train split for training, test split for the validation loss."""
+
+    def __init__(self, root: str, classes: list[str], batch_size: int = 64, flip: bool = True, download: bool = True,
+                 url: str = CIFAR10_URL, max_images: int | None = None, seed: int = 0):
+        super().__init__()
+        class_indices(list(classes))
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
+        self.root, self.classes, self.batch_size, self.flip = root, list(classes), batch_size, flip
+        self.download, self.url, self.max_images, self.seed = download, url, max_images, seed
+        self.train_images = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        ensure_cifar10(self.root, self.download, self.url)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_images is not None:
+            return
+        folder = ensure_cifar10(self.root, self.download, self.url)
+        self.train_images, self.train_labels = load_subset(folder, self.classes, "train")
+        self.test_images, self.test_labels = load_subset(folder, self.classes, "test")
+        if self.max_images is not None:
+            self.train_images, self.train_labels = self.train_images[: self.max_images], self.train_labels[: self.max_images]
+            self.test_images, self.test_labels = self.test_images[: self.max_images], self.test_labels[: self.max_images]
+        n = len(self.train_labels)
+        if self.batch_size > n:
+            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {n} training images of {self.classes}; lower data.batch_size")
+
+    def _loader(self, images, labels, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if shuffle:
+            sampler = EpochBatchSampler(len(labels), self.batch_size, self.seed, rank, world)
+        else:  # every rank its own contiguous share, whole batches in order
+            share = torch.arange(len(labels)).tensor_split(world)[rank]
+            sampler = [b.tolist() for b in share.split(self.batch_size)]
+        return DataLoader(_IndexBatches(images, labels), sampler=sampler, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_images, self.train_labels, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_images, self.test_labels, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Scaling to [-1, 1] and random flips (p = 0.5) on the whole batch, on the training device."""
+        x, y = batch
+        x = to_unit_range(x)
+        if self.flip and self.trainer is not None and self.trainer.training:
+            x = random_hflip(x)
+        return x, y

@@ -1,0 +1,1 @@
+"""The diffusion math in pure torch: no Lightning, no Hydra, no I/O."""

@@ -1,0 +1,88 @@
+"""Variance schedules and the closed forms of the forward process.
+
+Indexing. The paper counts diffusion steps t = 1..T. The code stores every per-step tensor with a
+0-based index i = t - 1, so ``betas[i]`` is beta_{i+1} and ``alpha_bar[i]`` is alpha_bar_{i+1}; the
+network receives the same 0-based index i (as diffusers' schedulers do). Hence ``alpha_bar[0] =
+alpha_1 = 1 - beta_1`` and ``alpha_bar[T - 1] = alpha_bar_T``; the data x_0 has no index.
+"""
+
+import math
+
+import torch
+
+from ddpm_lightning.errors import ConfigError
+
+
+def linear_betas(T: int, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
+    """The paper's linear variance schedule beta_1..beta_T (section IV), in float64."""
+    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021) eq. 17: alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped."""
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - f(t + 1) / f(t), max_beta) for t in range(T)], dtype=torch.float64)
+
+
+class Schedule:
+    """beta_t and everything derived from it, as float32 tensors on one device.
+
+    Not an ``nn.Module`` on purpose: it is rebuilt from the config, never checkpointed and never
+    averaged into the EMA weights.
+    """
+
+    def __init__(self, betas: torch.Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        T = betas.numel()
+        if T < 1:
+            raise ConfigError(f"schedule.T={T}: the schedule needs T >= 1 steps; set schedule.T to a positive integer")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ConfigError("schedule betas must lie in (0, 1); fix schedule.beta_1/schedule.beta_T")
+        self.T = T
+        alphas = 1 - betas  # alpha_t = 1 - beta_t
+        alpha_bar = torch.cumprod(alphas, 0)  # alpha_bar_t = prod_{s<=t} alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # alpha_bar_{t-1}, alpha_bar_0 = 1
+        self._f64 = dict(
+            betas=betas,
+            alphas=alphas,
+            alpha_bar=alpha_bar,
+            alpha_bar_prev=alpha_bar_prev,
+            # beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (Ho et al. eq. 7)
+            posterior_variance=(1 - alpha_bar_prev) / (1 - alpha_bar) * betas,
+        )
+        self.to("cpu")
+
+    def to(self, device) -> "Schedule":
+        for name, value in self._f64.items():
+            setattr(self, name, value.to(device=device, dtype=torch.float32))
+        self.device = torch.device(device)
+        return self
+
+    @property
+    def prior_gap(self) -> float:
+        """sqrt(alpha_bar_T): the mean of q(x_T | x_0) per unit of x_0, which N(0, I) assumes is 0."""
+        return math.sqrt(self._f64["alpha_bar"][-1].item())
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (eq. 2-3); t is the 0-based index."""
+        ab = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def q_step(self, x_prev: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """One step of the forward chain, x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps  (eq. 1)."""
+        return (1 - self.betas[t]).sqrt() * x_prev + self.betas[t].sqrt() * eps
+
+
+def build_schedule(kind: str, T: int, beta_1: float = 1e-4, beta_T: float = 0.02) -> Schedule:
+    """The schedule named by ``schedule.kind`` (``linear`` as the paper, or ``cosine``)."""
+    if not isinstance(T, int) or T < 1:
+        raise ConfigError(f"schedule.T={T}: the schedule needs T >= 1 steps; set schedule.T to a positive integer")
+    if kind == "linear":
+        if not (0 < beta_1 < 1 and 0 < beta_T < 1):
+            raise ConfigError(f"schedule betas ({beta_1}, {beta_T}) must lie in (0, 1); fix schedule.beta_1/schedule.beta_T")
+        if beta_T < beta_1:
+            raise ConfigError(f"schedule.beta_T={beta_T} < schedule.beta_1={beta_1}: betas must not decrease; swap them")
+        return Schedule(linear_betas(T, beta_1, beta_T))
+    if kind == "cosine":
+        return Schedule(cosine_betas(T))
+    raise ConfigError(f"schedule.kind={kind!r} is unknown; use schedule=linear or schedule=cosine")

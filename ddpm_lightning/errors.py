@@ -1,0 +1,5 @@
+"""The one error type for bad settings and bad input: entry points print its message as one line."""
+
+
+class ConfigError(ValueError):
+    """A setting or input that cannot work; the message names the problem and the fix."""

@@ -1,0 +1,99 @@
+"""DiffusionModule: the U-Net, Algorithm 1's loss, Adam, and the one sample() API."""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ddpm_lightning.diffusion.guidance import drop_labels, guided
+from ddpm_lightning.diffusion.samplers import SAMPLERS
+from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.nets.unet import UNet
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class DiffusionModule(L.LightningModule):
+    """eps_theta trained with ||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2.
+
+    With ``conditional`` the net also takes a class label (classifier-free guidance, the "improved"
+    model): labels are dropped to the null class with probability ``p_uncond`` during training.
+    Every argument is a plain value, so a checkpoint alone rebuilds the module.
+    """
+
+    def __init__(self, net: dict, schedule: dict, class_names: list[str], conditional: bool, p_uncond: float,
+                 guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32):
+        super().__init__()
+        if not 0 <= p_uncond <= 1:
+            raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
+        if not conditional and (p_uncond != 0 or guidance_w != 0):
+            raise ConfigError(f"guidance (w={guidance_w}, p_uncond={p_uncond}) given to the unconditional model; use model=improved, or guidance=none with model=simple")
+        if sampler.get("name") not in SAMPLERS:
+            raise ConfigError(f"sampler={sampler.get('name')!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        self.save_hyperparameters()
+        self.net = UNet(**net, num_classes=len(class_names) if conditional else None)
+        self.schedule: Schedule = build_schedule(**schedule)
+
+    @property
+    def sched(self) -> Schedule:
+        """The schedule's tensors on the module's device."""
+        if self.schedule.device != self.device:
+            self.schedule.to(self.device)
+        return self.schedule
+
+    def loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Algorithm 1: t ~ Uniform({1..T}) (0-based index here), eps ~ N(0, I), MSE on the noise."""
+        sched = self.sched
+        t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_t = sched.q_sample(x0, t, eps)  # eq. 3
+        if self.hparams.conditional:
+            y = drop_labels(y, self.hparams.p_uncond, self.net.null_class, generator)
+            return F.mse_loss(self.net(x_t, t, y), eps)
+        return F.mse_loss(self.net(x_t, t), eps)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(*batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """The same loss on held-out images, with noise fixed per batch so epochs compare."""
+        g = torch.Generator(self.device).manual_seed(batch_idx * self.trainer.world_size + self.global_rank)
+        loss = self.loss(*batch, generator=g)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, labels: torch.Tensor | None = None, w: float | None = None,
+               sampler: dict | None = None, generator: torch.Generator | None = None, batch_size: int = 500) -> torch.Tensor:
+        """Generate images as uint8 (N, 3, H, W) with the module's current weights.
+
+        Unconditional: ``n`` images. Conditional: one image per entry of ``labels`` (class indices
+        0..K-1), guided with weight ``w`` (default: the configured guidance.w). ``sampler`` overrides the
+        configured sampler settings. Images are generated ``batch_size`` at a time.
+        """
+        hp = self.hparams
+        if hp.conditional:
+            if labels is None:
+                raise ConfigError("the conditional model needs the labels of the classes to generate")
+            labels = torch.as_tensor(labels, device=self.device)
+            n = len(labels)
+        elif labels is not None or (w or 0) != 0:
+            raise ConfigError("the unconditional model (model=simple) takes no labels and no guidance weight")
+        w = hp.guidance_w if w is None else w
+        settings = {**hp.sampler, **(sampler or {})}
+        run_sampler = SAMPLERS[settings.pop("name")]
+        out = []
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            y = labels[start : start + size] if hp.conditional else None
+            x_T = torch.randn((size, 3, hp.image_size, hp.image_size), device=self.device, generator=generator)
+            eps_fn = guided(self.net, y, w, self.net.null_class)
+            out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, **settings)))
+        return torch.cat(out)

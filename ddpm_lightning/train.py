@@ -1,0 +1,58 @@
+"""run(cfg): build the data, the module, the loggers and callbacks from the Hydra config, and fit."""
+
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm_lightning.callbacks import SampleGrid
+from ddpm_lightning.data import CIFARDataModule
+from ddpm_lightning.module import DiffusionModule
+
+
+def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return DiffusionModule(
+        net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
+        p_uncond=c["guidance"]["p_uncond"], guidance_w=c["guidance"]["w"], sampler=c["sampler"], lr=c["model"]["lr"],
+    )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = [CSVLogger(run_dir, name="csv", version="")]
+    if cfg.logger.wandb is not None:
+        w = cfg.logger.wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(
+            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir),
+            offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True),
+        ))
+    return loggers
+
+
+def run(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed + rank_zero_only.rank, workers=True)  # distinct training noise on every rank
+    data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+    data.setup("fit")  # bad data fails here, before anything is built
+    module = build_module(cfg, data.classes)
+    callbacks = [
+        SampleGrid(**cfg.callbacks.sample_grid),  # before the EMA callback: it samples with the EMA weights
+        instantiate(cfg.callbacks.ema),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        RichProgressBar(),
+    ]
+    trainer = L.Trainer(**cfg.trainer, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    finally:
+        if cfg.logger.wandb is not None:
+            import wandb
+
+            wandb.finish()

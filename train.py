@@ -1,0 +1,18 @@
+"""python train.py model=improved data=five_class [key=value ...]"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm_lightning.cli import exit_on_config_error
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    from ddpm_lightning.train import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
