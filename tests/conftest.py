@@ -1,0 +1,46 @@
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_cifar(root: Path, n_train: int = 20, n_test: int = 10, labels: tuple = tuple(range(10)), seed: int = 0) -> Path:
+    """A tiny CIFAR-10 copy in the official python format; each class is an easily learned picture:
+    a flat colour of its own with a little noise. n_train/n_test are per class, train split over 5 batches."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(0, 256, size=(10, 3))
+
+    def batch(n_per_class):
+        y = np.array([c for _ in range(n_per_class) for c in labels])
+        x = colours[y][:, :, None] + rng.integers(-8, 9, size=(len(y), 3, 1024))
+        return np.clip(x, 0, 255).astype(np.uint8).reshape(len(y), 3072), y.tolist()
+
+    x, y = batch(n_train)
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {i} of 5", "data": x[part], "labels": [y[j] for j in part],
+                         "filenames": [f"{j}.png" for j in part]}, f)
+    x, y = batch(n_test)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "data": x, "labels": y, "filenames": []}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path) -> Path:
+    return make_cifar(tmp_path / "cifar")
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

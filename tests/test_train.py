@@ -1,0 +1,87 @@
+"""train.py end to end, as a subprocess, on a generated dataset that is easy to learn."""
+
+import csv
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def train(python, *overrides, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def smoke_args(root, run_dir, *extra):
+    return ["experiment=smoke", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
+            "data.batch_size=8", "trainer.max_epochs=6", f"hydra.run.dir={run_dir}", *extra]
+
+
+def epoch_losses(metrics: Path) -> list[float]:
+    rows = list(csv.DictReader(open(metrics)))
+    return [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+
+
+@pytest.mark.parametrize("model", ["simple", "improved"])
+def test_smoke_run(python, cifar_root, tmp_path, model):
+    run_dir = tmp_path / "run"
+    p = train(python, *smoke_args(cifar_root, run_dir, f"model={model}"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    losses = epoch_losses(run_dir / "csv" / "metrics.csv")
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch_0001.png", "epoch_0003.png", "epoch_0005.png"]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["conditional"] == (model == "improved")
+    assert ckpt["hyper_parameters"]["class_names"] == ["automobile", "cat"]
+    assert "current_model_state" in ckpt  # EMA weights in state_dict, the raw weights beside them
+
+
+def test_multirun_gives_each_job_its_own_run_dir_and_wandb_run(python, cifar_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    p = train(python, "-m", *smoke_args(cifar_root, tmp_path / "unused", "model=improved", "trainer.max_epochs=2",
+                                         f"hydra.sweep.dir={sweep}", "guidance.w=0,2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and (d / "checkpoints").is_dir())
+    assert len(jobs) == 2 and "guidance.w=0," in jobs[0].name and "guidance.w=2," in jobs[1].name
+    run_ids = {r.name for d in jobs for r in (d / "wandb").glob("offline-run-*")}
+    assert len(run_ids) == 2
+    for d in jobs:
+        assert (d / "checkpoints" / "last.ckpt").is_file() and (d / "csv" / "metrics.csv").is_file()
+
+
+def test_ddp_with_two_cpu_processes(python, cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    p = train(python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer=ddp", "trainer.accelerator=cpu",
+                                  "trainer.devices=2", "trainer.max_epochs=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 40 images, 8 per rank and step, 2 ranks: 2 steps an epoch
+    assert ckpt["global_step"] == 4
+    assert len(epoch_losses(run_dir / "csv" / "metrics.csv")) == 2  # logged once, from rank 0
+    assert len(list((run_dir / "samples").glob("*.png"))) == 1
+
+
+def test_bad_setting_is_one_line_and_exit_2(python, cifar_root, tmp_path):
+    p = train(python, *smoke_args(cifar_root, tmp_path / "run", "data.classes=[car]"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: data.classes has unknown class names ['car']")
+
+
+def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
+    """The code cells of notebooks/explore.ipynb, run in order against a fresh smoke run."""
+    import json
+
+    run_dir = tmp_path / "run"
+    assert train(python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer.max_epochs=1", "logger=csv")).returncode == 0
+    cells = json.load(open(ROOT / "notebooks" / "explore.ipynb"))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    shown = []
+    env = {"__name__": "__main__"}
+    exec(code.replace("CKPT = sorted(glob.glob('../outputs/*/*/checkpoints/last.ckpt'))[-1]", f"CKPT = {str(run_dir / 'checkpoints' / 'last.ckpt')!r}")
+             .replace("DATA_ROOT = '../../shared/data/cifar10-five-class-jpeg'", f"DATA_ROOT = {str(cifar_root)!r}")
+             .replace("from IPython.display import display\n", ""), {**env, "display": shown.append})
+    assert len(shown) == 2 and shown[0].size == (2 * (2 + 8 * 34), 2 * (2 + 2 * 34))
