@@ -1,11 +1,13 @@
 """DiffusionModule: the U-Net, Algorithm 1's loss, Adam, and the one sample() API."""
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from ddpm_lightning.diffusion.guidance import drop_labels, guided
-from ddpm_lightning.diffusion.samplers import SAMPLERS
+from ddpm_lightning.diffusion.samplers import StepCallback, get_sampler
 from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.nets.unet import UNet
@@ -31,8 +33,7 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
         if not conditional and (p_uncond != 0 or guidance_w != 0):
             raise ConfigError(f"guidance (w={guidance_w}, p_uncond={p_uncond}) given to the unconditional model; use model=improved, or guidance=none with model=simple")
-        if sampler.get("name") not in SAMPLERS:
-            raise ConfigError(f"sampler={sampler.get('name')!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        get_sampler(sampler.get("name"))
         self.save_hyperparameters()
         self.net = UNet(**net, num_classes=len(class_names) if conditional else None)
         self.schedule: Schedule = build_schedule(**schedule)
@@ -71,12 +72,14 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int | None = None, labels: torch.Tensor | None = None, w: float | None = None,
-               sampler: dict | None = None, generator: torch.Generator | None = None, batch_size: int = 500) -> torch.Tensor:
+               sampler: dict | None = None, generator: torch.Generator | None = None, batch_size: int = 500,
+               callback: StepCallback = None) -> torch.Tensor:
         """Generate images as uint8 (N, 3, H, W) with the module's current weights.
 
         Unconditional: ``n`` images. Conditional: one image per entry of ``labels`` (class indices
-        0..K-1), guided with weight ``w`` (default: the configured guidance.w). ``sampler`` overrides the
-        configured sampler settings. Images are generated ``batch_size`` at a time.
+        0..K-1), guided with weight ``w`` (default: the configured guidance.w). ``sampler`` replaces the
+        configured sampler settings (one conf/sampler/*.yaml, e.g. ``{"name": "ddim", "steps": 50, ...}``).
+        Images are generated ``batch_size`` at a time; ``callback(i, x)`` sees every intermediate state.
         """
         hp = self.hparams
         if hp.conditional:
@@ -87,13 +90,30 @@ class DiffusionModule(L.LightningModule):
         elif labels is not None or (w or 0) != 0:
             raise ConfigError("the unconditional model (model=simple) takes no labels and no guidance weight")
         w = hp.guidance_w if w is None else w
-        settings = {**hp.sampler, **(sampler or {})}
-        run_sampler = SAMPLERS[settings.pop("name")]
+        settings = dict(sampler or hp.sampler)
+        run_sampler = get_sampler(settings.pop("name"))
         out = []
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
             y = labels[start : start + size] if hp.conditional else None
             x_T = torch.randn((size, 3, hp.image_size, hp.image_size), device=self.device, generator=generator)
             eps_fn = guided(self.net, y, w, self.net.null_class)
-            out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, **settings)))
+            out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, callback=callback, **settings)))
         return torch.cat(out)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def load_checkpoint(path: str, device: str = "auto") -> DiffusionModule:
+    """A trained module from a train.py checkpoint (its state_dict holds the EMA weights), in eval mode."""
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path!r} does not exist; pass ckpt=PATH to a .ckpt file written by train.py")
+    try:
+        module = DiffusionModule.load_from_checkpoint(path, map_location=pick_device(device), weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass a checkpoint written by train.py") from None
+    return module.eval()

@@ -1,5 +1,6 @@
 """run(cfg): build the data, the module, the loggers and callbacks from the Hydra config, and fit."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.callbacks import SampleGrid
 from ddpm_lightning.data import CIFARDataModule
+from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.module import DiffusionModule
+
+log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
@@ -22,6 +26,17 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
         net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
         p_uncond=c["guidance"]["p_uncond"], guidance_w=c["guidance"]["w"], sampler=c["sampler"], lr=c["model"]["lr"],
     )
+
+
+def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:
+    """Sampling starts from N(0, I), but q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I)."""
+    ab_T = schedule.alpha_bar[-1].item()
+    msg = (f"schedule: T={schedule.T}, alpha_bar_T={ab_T:.3g}: x_T keeps sqrt(alpha_bar_T)={schedule.prior_gap:.3f} of x_0, "
+           f"KL(q(x_T|x_0) || N(0,I)) = {schedule.prior_kl:.2g} nats per dimension at |x_0| = 1")
+    log.info(msg)
+    if schedule.prior_gap > warn_above:
+        log.warning(f"sampling starts from N(0, I) while x_T still holds {schedule.prior_gap:.1%} of x_0 (over {warn_above:.0%}); "
+                    "raise schedule.T or use schedule=cosine to close the gap")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -37,11 +52,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def run(cfg: DictConfig) -> None:
+    logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and file its messages
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed + rank_zero_only.rank, workers=True)  # distinct training noise on every rank
     data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
     data.setup("fit")  # bad data fails here, before anything is built
     module = build_module(cfg, data.classes)
+    log_prior_gap(module.schedule)
     callbacks = [
         SampleGrid(**cfg.callbacks.sample_grid),  # before the EMA callback: it samples with the EMA weights
         instantiate(cfg.callbacks.ema),

@@ -44,3 +44,19 @@ def cifar_root(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, python):
+    """A finished smoke run of the improved model on a generated two-class dataset (shared by tests that need a
+    checkpoint): its run dir and data root."""
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    root = make_cifar(tmp / "cifar")
+    run_dir = tmp / "run"
+    p = subprocess.run([python, str(ROOT / "train.py"), "experiment=smoke", "model=improved", f"data.root={root}",
+                        "data.classes=[automobile,cat]", "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=2",
+                        "logger=csv", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run_dir, root

@@ -52,9 +52,9 @@ class Schedule:
         )
         self.to("cpu")
 
-    def to(self, device) -> "Schedule":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "Schedule":
         for name, value in self._f64.items():
-            setattr(self, name, value.to(device=device, dtype=torch.float32))
+            setattr(self, name, value.to(device=device, dtype=dtype))
         self.device = torch.device(device)
         return self
 
@@ -62,6 +62,11 @@ class Schedule:
     def prior_gap(self) -> float:
         """sqrt(alpha_bar_T): the mean of q(x_T | x_0) per unit of x_0, which N(0, I) assumes is 0."""
         return math.sqrt(self._f64["alpha_bar"][-1].item())
+
+    @property
+    def prior_kl(self) -> float:
+        """KL(q(x_T | x_0) || N(0, 1)) per dimension for |x_0| = 1: -log(1 - alpha_bar_T) / 2, in nats."""
+        return -0.5 * math.log1p(-self._f64["alpha_bar"][-1].item())
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (eq. 2-3); t is the 0-based index."""

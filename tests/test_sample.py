@@ -1,0 +1,83 @@
+"""sample.py end to end on a smoke checkpoint, and the samplers' shared properties."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from ddpm_lightning.diffusion.guidance import guided
+from ddpm_lightning.diffusion.samplers import ddim, dpm_solver, timesteps
+from ddpm_lightning.diffusion.schedule import build_schedule
+from ddpm_lightning.errors import ConfigError
+from test_guidance import FakeNet
+from test_samplers import MEAN, STD, exact_eps
+
+
+def sample(python, *args):
+    return subprocess.run([python, str(ROOT / "sample.py"), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize("steps", [1, 10, 50, 500])
+def test_timesteps_are_a_decreasing_subsequence_from_T(spacing, steps):
+    seq = timesteps(500, steps, spacing)
+    assert len(seq) == steps and seq[0] == 499 and all(a > b >= 0 for a, b in zip(seq, seq[1:]))
+    if spacing == "quadratic" and steps > 1:
+        assert seq[-1] == 0
+
+
+def test_bad_sampler_settings():
+    with pytest.raises(ConfigError, match="sampler.steps=0 must lie in 1..T=500"):
+        timesteps(500, 0)
+    with pytest.raises(ConfigError, match="sampler.spacing='log'"):
+        timesteps(500, 10, "log")
+
+
+@pytest.mark.parametrize("sampler, kw", [(ddim, dict(steps=50)), (ddim, dict(steps=100, eta=1.0)), (dpm_solver, dict(steps=20))])
+def test_fast_samplers_reproduce_a_gaussian_with_its_exact_predictor(sampler, kw):
+    """Quadratic spacing ends at t = 1; uniform (trailing) spacing jumps from t = T/N to x_0 in one step, which
+    shrinks a narrow distribution (std 0.05 comes out as 0.03 with DDIM at 50 steps): see bench/README.md."""
+    s = build_schedule("linear", T=500)
+    g = torch.Generator().manual_seed(0)
+    x = sampler(exact_eps(s), s, torch.randn(40_000, 3, generator=g), g, spacing="quadratic", **kw)
+    assert torch.allclose(x.mean(0), MEAN, atol=0.015)
+    assert torch.allclose(x.std(0), STD, rtol=0.1)
+
+
+@pytest.mark.parametrize("sampler, steps", [(ddim, 25), (dpm_solver, 12)])
+def test_one_guided_forward_of_2B_per_step(sampler, steps):
+    net = FakeNet()
+    sampler(guided(net, torch.tensor([0, 1, 2]), 2.0, net.null_class), build_schedule("linear", T=100), torch.zeros(3, 2), steps=steps)
+    assert net.calls == [6] * steps
+
+
+def test_sample_py_writes_grid_pngs_npz_and_strips(python, smoke_run, tmp_path):
+    run_dir, root = smoke_run
+    ckpt = f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"
+    args = [ckpt, "n=6", "classes=[cat]", "sampler=ddim", "sampler.steps=10", "guidance.w=2", "seed=3"]
+    p = sample(python, *args, f"out={tmp_path / 'a'}", "strips.reverse=true", "strips.forward=true", f"data.root={root}", "strips.frames=5")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = tmp_path / "a"
+    npz = np.load(a / "samples.npz")
+    assert npz["images"].shape == (6, 32, 32, 3) and npz["images"].dtype == np.uint8
+    assert npz["labels"].tolist() == [1] * 6 and npz["class_names"].tolist() == ["automobile", "cat"]
+    assert sorted(f.name for f in (a / "images").iterdir()) == [f"{i:05d}.png" for i in range(6)]
+    assert np.array_equal(np.asarray(Image.open(a / "images" / "00004.png")), npz["images"][4])
+    assert Image.open(a / "reverse_diffusion.png").size == (2 + 5 * 34, 36)
+    assert Image.open(a / "forward_diffusion.png").size == (2 + 5 * 34, 36)
+    assert Image.open(a / "grid.png").size == (2 + 3 * 34, 2 + 2 * 34)
+    assert sample(python, *args, f"out={tmp_path / 'b'}").returncode == 0
+    assert np.array_equal(np.load(tmp_path / "b" / "samples.npz")["images"], npz["images"])  # same seed, same images
+
+
+@pytest.mark.parametrize("args, message", [
+    (["classes=[horse]"], "error: classes ['horse'] are not in this checkpoint's subset; choose from automobile, cat"),
+    (["sampler.steps=0"], "error: sampler.steps=0 must lie in 1..T=500"),
+])
+def test_sample_py_bad_input(python, smoke_run, tmp_path, args, message):
+    run_dir, _ = smoke_run
+    p = sample(python, f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "n=2", f"out={tmp_path / 'o'}", *args)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == message
