@@ -1,6 +1,7 @@
 """Callbacks that generate images during training. They run at the end of validation, where Lightning's
 WeightAveraging callback has swapped the EMA weights in, so they must come before it in the callback list."""
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,6 +11,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
+
+from ddpm_lightning.metrics import even_labels, fid, generated_features, inception_score, is_unavailable
+
+log = logging.getLogger(__name__)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -49,3 +54,49 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step, caption=[caption])
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_epochs`` epochs (at a validation, with the EMA weights): ``num_samples`` images with the
+    configured sampler, fixed seeds and evenly drawn classes; logs val/fid, val/is_mean, val/is_std (suffixed
+    _w<w> when several guidance weights are given) and a grid of the first samples."""
+
+    def __init__(self, detector, reference: dict, every_n_epochs: int, num_samples: int, guidance_ws: list[float | None],
+                 seed: int = 0, batch_size: int = 250):
+        self.detector, self.reference, self.every_n_epochs = detector, reference, every_n_epochs
+        self.num_samples, self.guidance_ws, self.seed, self.batch_size = num_samples, guidance_ws, seed, batch_size
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.detector.to(pl_module.device)
+        if self.detector.is_unavailable and trainer.is_global_zero:
+            log.warning(self.detector.is_unavailable)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        for w in self.guidance_ws:
+            scores, preview = evaluate_module(pl_module, self.detector, self.reference, self.num_samples, w, self.seed, self.batch_size)
+            suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
+            for name, value in scores.items():
+                if value is not None:
+                    pl_module.log(f"val/{name}{suffix}", value)
+            if trainer.is_global_zero:
+                grid = make_grid(preview, nrow=8, padding=2)
+                save_png(grid, Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png")
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_image(f"val/fid_samples{suffix}", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
+
+
+def evaluate_module(module, detector, reference: dict, num_samples: int, w: float | None, seed: int, batch_size: int,
+                    sampler: dict | None = None, progress=None) -> tuple[dict, torch.Tensor]:
+    """FID and IS of ``num_samples`` images from the module (split over ranks when distributed)."""
+    labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
+
+    def generate(start, size, generator):
+        y = None if labels is None else labels[start : start + size]
+        return module.sample(n=size, labels=y, w=w, sampler=sampler, generator=generator, batch_size=size)
+
+    pool, logits, preview = generated_features(generate, detector, num_samples, seed, batch_size, progress)
+    is_mean, is_std = (None, None) if is_unavailable(detector, num_samples) else inception_score(logits)
+    return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview

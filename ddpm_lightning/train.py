@@ -12,20 +12,51 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.callbacks import SampleGrid
+from ddpm_lightning import metrics
+from ddpm_lightning.callbacks import FIDCallback, SampleGrid
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
+from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DiffusionModule
 
 log = logging.getLogger(__name__)
+
+
+def guidance_weights(cfg: DictConfig) -> list[float]:
+    """guidance.w as a list: one weight, or several to evaluate side by side (the first one draws the grids)."""
+    w = OmegaConf.to_container(cfg.guidance, resolve=True)["w"]
+    return [float(v) for v in w] if isinstance(w, list) else [float(w)]
 
 
 def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
     c = OmegaConf.to_container(cfg, resolve=True)
     return DiffusionModule(
         net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
-        p_uncond=c["guidance"]["p_uncond"], guidance_w=c["guidance"]["w"], sampler=c["sampler"], lr=c["model"]["lr"],
+        p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
     )
+
+
+def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict]:
+    """The FID detector and the reference statistics of the subset's real images (cached)."""
+    m = cfg.metrics
+    if m.num_samples < 2:
+        raise ConfigError(f"metrics.num_samples={m.num_samples} must be at least 2 (FID needs a covariance)")
+    detector = metrics.load_inception(m.inception_weights)
+    images = data.train_images if m.reference_split == "train" else data.test_images
+    images = images[: m.reference_images] if m.reference_images else images
+    key = dict(classes=data.classes, split=m.reference_split, detector=metrics.detector_id(m.inception_weights))
+    return detector, metrics.reference_statistics(detector, images, key, m.cache_dir, m.batch_size)
+
+
+def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
+    every = cfg.callbacks.fid.every_n_epochs
+    if not every:
+        return []
+    if every % cfg.trainer.check_val_every_n_epoch:
+        raise ConfigError(f"callbacks.fid.every_n_epochs={every} must be a multiple of trainer.check_val_every_n_epoch="
+                          f"{cfg.trainer.check_val_every_n_epoch} (FID runs at validation, with the EMA weights)")
+    detector, reference = load_reference(cfg, data)
+    return [FIDCallback(detector, reference, every, cfg.metrics.num_samples, guidance_weights(cfg), cfg.metrics.seed, cfg.metrics.batch_size)]
 
 
 def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:
@@ -60,7 +91,8 @@ def run(cfg: DictConfig) -> None:
     module = build_module(cfg, data.classes)
     log_prior_gap(module.schedule)
     callbacks = [
-        SampleGrid(**cfg.callbacks.sample_grid),  # before the EMA callback: it samples with the EMA weights
+        SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
+        *fid_callback(cfg, data),
         instantiate(cfg.callbacks.ema),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
         RichProgressBar(),

@@ -60,3 +60,47 @@ def smoke_run(tmp_path_factory, python):
                         "logger=csv", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return run_dir, root
+
+
+def random_detector_state(seed: int = 0, classifier: bool = True) -> dict:
+    """A randomly initialised FID Inception in torch-fidelity's layout (He-normal convolutions so that features keep
+    their scale through the network), for tests that must not touch the network or ../shared."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        arch = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in arch.state_dict().items():
+        if name.endswith("conv.weight"):
+            fan_in = value[0].numel()
+            value = torch.randn(value.shape, generator=g) * (2 / fan_in) ** 0.5
+        elif name == "fc.weight":
+            value = torch.randn(value.shape, generator=g) * 0.05
+        state[name] = value
+    if not classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return state
+
+
+@pytest.fixture(scope="session")
+def detector_file(tmp_path_factory) -> Path:
+    import torch
+
+    path = tmp_path_factory.mktemp("detector") / "random_inception.pth"
+    torch.save(random_detector_state(), path)
+    return path
+
+
+def natural_images(n: int, seed: int = 0):
+    """Smooth random colour fields (upsampled noise): images with some structure, as uint8 (n, 3, 32, 32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)

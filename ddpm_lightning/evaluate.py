@@ -1,0 +1,136 @@
+"""run(cfg): FID and IS of a checkpoint's samples (or of real test images), to results.json, a CSV row and W&B;
+SweepSummary: the table and plot of FID and IS against the guidance weight at the end of a multirun."""
+
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
+
+from ddpm_lightning import metrics
+from ddpm_lightning.callbacks import evaluate_module
+from ddpm_lightning.data import ensure_cifar10, load_subset
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.module import load_checkpoint
+from ddpm_lightning.sample import writable_dir
+
+log = logging.getLogger(__name__)
+FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "fid", "is_mean", "is_std", "seconds", "ckpt"]
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def run(cfg: DictConfig) -> None:
+    m = cfg.metrics
+    if m.num_samples < 2:
+        raise ConfigError(f"metrics.num_samples={m.num_samples} must be at least 2 (FID needs a covariance)")
+    module = load_checkpoint(cfg.ckpt, cfg.device)
+    hp = module.hparams
+    if not hp.conditional and cfg.guidance.w not in (None, 0):
+        raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
+    run_dir = writable_dir(HydraConfig.get().runtime.output_dir)
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
+    w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
+    detector = metrics.load_inception(m.inception_weights).to(module.device)
+    folder = ensure_cifar10(cfg.data.root, download=True)
+    train_images = load_subset(folder, hp.class_names, m.reference_split)[0]
+    train_images = train_images[: m.reference_images] if m.reference_images else train_images
+    key = dict(classes=list(hp.class_names), split=m.reference_split, detector=metrics.detector_id(m.inception_weights))
+    reference = metrics.reference_statistics(detector, train_images, key, m.cache_dir, m.batch_size)
+
+    start = time.perf_counter()
+    if cfg.real:  # the floor: real held-out images of the subset against the same statistics
+        real = load_subset(folder, hp.class_names, "test")[0][: m.num_samples]
+        pool, logits = metrics.extract(detector, real, m.batch_size)
+        scores = {"fid": metrics.fid(pool, reference), "is_mean": None, "is_std": None}
+        if not metrics.is_unavailable(detector, len(real)):
+            scores["is_mean"], scores["is_std"] = metrics.inception_score(logits)
+        sampler, num_samples = {"name": "real test images"}, len(real)
+    else:
+        with Progress() as bar:
+            task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}", total=m.num_samples)
+            scores, _ = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
+                                        progress=lambda done, chunks: bar.update(task, completed=min(done / chunks, 1) * m.num_samples))
+        num_samples = m.num_samples
+    results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
+                   steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=w,
+                   num_samples=num_samples, **scores, is_unavailable=metrics.is_unavailable(detector, num_samples),
+                   seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt))
+    write_json(run_dir / "results.json", results)
+    write_csv(run_dir / "results.csv", [results])
+    log.info(f"FID {scores['fid']:.3f}" + (f", IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}" if scores["is_mean"] else
+                                         f"; {results['is_unavailable']}") + f" -> {run_dir / 'results.json'}")
+    log_to_wandb(cfg, run_dir, results)
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict) -> None:
+    if cfg.logger.wandb is None:
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    w = cfg.logger.wandb
+    hc = HydraConfig.get()
+    group = w.group or (Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None)
+    run = wandb.init(project=w.project, entity=w.entity, group=group, name=w.name or run_dir.name, dir=str(run_dir),
+                     mode="online" if w.online else "offline", config=OmegaConf.to_container(cfg, resolve=True), job_type="evaluate")
+    run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
+    run.finish()
+
+
+class SweepSummary(Callback):
+    """At the end of ``evaluate.py -m``: summary.csv, summary.md and fid_is_vs_w.png (paper Fig. 11-12) in the sweep dir."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        rows = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: (r["w"], r["sampler"]))
+        if not rows:
+            return
+        write_csv(sweep / "summary.csv", rows)
+        lines = ["| w | sampler | steps | samples | FID | IS |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            is_text = f"{r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else "unavailable"
+            lines.append(f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.3f} | {is_text} |")
+        (sweep / "summary.md").write_text("\n".join(lines) + "\n")
+        plot_against_w(rows, sweep / "fid_is_vs_w.png")
+        log.info(f"sweep summary: {sweep / 'summary.md'}, {sweep / 'fid_is_vs_w.png'}")
+
+
+def plot_against_w(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [r["w"] for r in rows]
+    has_is = all(r["is_mean"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_is else 1, figsize=(9 if has_is else 4.5, 3.5), squeeze=False)
+    axes[0, 0].plot(ws, [r["fid"] for r in rows], "o-")
+    axes[0, 0].set(xlabel="guidance weight w", ylabel="FID", title="FID for different guidance levels")
+    if has_is:
+        axes[0, 1].errorbar(ws, [r["is_mean"] for r in rows], yerr=[r["is_std"] for r in rows], fmt="o-")
+        axes[0, 1].set(xlabel="guidance weight w", ylabel="Inception Score", title="IS for different guidance levels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

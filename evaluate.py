@@ -1,0 +1,18 @@
+"""python evaluate.py ckpt=PATH [sampler=...] [guidance.w=...] [metrics.num_samples=...]; -m for a sweep over w."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm_lightning.cli import exit_on_config_error
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    from ddpm_lightning.evaluate import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""evaluate.py and the FID callback end to end, with a random detector and generated data."""
+
+import csv
+import json
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(python, script, *args):
+    return subprocess.run([python, str(ROOT / script), *args], capture_output=True, text=True, timeout=600)
+
+
+def eval_args(smoke_run, detector_file, tmp_path):
+    run_dir, root = smoke_run
+    return [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"metrics.inception_weights={detector_file}", f"data.root={root}",
+            f"metrics.cache_dir={tmp_path / 'cache'}", "metrics.num_samples=10", "sampler=ddim", "sampler.steps=3"]
+
+
+def test_evaluate_py_writes_results_and_logs_to_wandb(python, smoke_run, detector_file, tmp_path):
+    p = run(python, "evaluate.py", *eval_args(smoke_run, detector_file, tmp_path), "guidance.w=2", f"hydra.run.dir={tmp_path / 'e'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["model"] == "improved" and results["w"] == 2.0 and results["num_samples"] == 10
+    assert results["fid"] > 0 and results["is_mean"] >= 1 and results["is_unavailable"] is None
+    row = next(csv.DictReader(open(tmp_path / "e" / "results.csv")))
+    assert float(row["fid"]) == pytest.approx(results["fid"])
+    assert list((tmp_path / "e" / "wandb").glob("offline-run-*"))
+
+
+def test_evaluate_py_scores_real_images_as_the_floor(python, smoke_run, detector_file, tmp_path):
+    p = run(python, "evaluate.py", *eval_args(smoke_run, detector_file, tmp_path), "real=true", "logger=csv", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["sampler"] == "real test images" and results["num_samples"] == 10
+
+
+def test_guidance_sweep_gives_one_result_per_w_and_the_summary(python, smoke_run, detector_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    p = run(python, "evaluate.py", "-m", *eval_args(smoke_run, detector_file, tmp_path), "guidance.w=0,2", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    assert len({r.name for r in sweep.glob("*/wandb/offline-run-*")}) == 2
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert table[2].startswith("| 0.0 | ddim | 3 | 10 |") and table[3].startswith("| 2.0 | ddim | 3 | 10 |")
+    assert (sweep / "fid_is_vs_w.png").stat().st_size > 1000
+
+
+def test_training_logs_fid_and_is_for_each_guidance_weight(python, cifar_root, detector_file, tmp_path):
+    run_dir = tmp_path / "run"
+    p = run(python, "train.py", "experiment=smoke", "model=improved", f"data.root={cifar_root}", "data.classes=[automobile,cat]",
+            "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+            "callbacks.fid.every_n_epochs=2", f"metrics.inception_weights={detector_file}", "metrics.num_samples=10",
+            f"metrics.cache_dir={tmp_path / 'cache'}", "guidance.w=[0,2]", "logger=csv", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"val/fid_w0.0", "val/fid_w2.0", "val/is_mean_w0.0", "val/is_std_w2.0"} <= logged
+    assert (run_dir / "samples" / "fid_epoch_0001_w2.0.png").is_file()
+
+
+def test_missing_detector_weights_fail_at_start_up(python, cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    p = run(python, "train.py", "experiment=smoke", f"data.root={cifar_root}", "data.batch_size=8", "callbacks.fid.every_n_epochs=10",
+            "metrics.inception_weights=/nonexistent/inception.pth", "logger=csv", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == "error: metrics.inception_weights=/nonexistent/inception.pth does not exist; point it at an FID Inception state dict"
+    assert not (run_dir / "checkpoints").exists()
