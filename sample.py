@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from ddpm_lightning.cli import exit_on_config_error
+from ddpm_lightning.cli import exit_on_config_error, main_entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -15,4 +15,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main, "sample")

@@ -4,6 +4,7 @@ WeightAveraging callback has swapped the EMA weights in, so they must come befor
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -65,6 +66,13 @@ class FIDCallback(L.Callback):
                  seed: int = 0, batch_size: int = 250):
         self.detector, self.reference, self.every_n_epochs = detector, reference, every_n_epochs
         self.num_samples, self.guidance_ws, self.seed, self.batch_size = num_samples, guidance_ws, seed, batch_size
+        self.history: list[dict] = []  # every evaluation so far; checkpointed, so a resumed run keeps it
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.detector.to(pl_module.device)
@@ -77,6 +85,7 @@ class FIDCallback(L.Callback):
         for w in self.guidance_ws:
             scores, preview = evaluate_module(pl_module, self.detector, self.reference, self.num_samples, w, self.seed, self.batch_size)
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
             for name, value in scores.items():
                 if value is not None:
                     pl_module.log(f"val/{name}{suffix}", value)
@@ -100,3 +109,33 @@ def evaluate_module(module, detector, reference: dict, num_samples: int, w: floa
     pool, logits, preview = generated_features(generate, detector, num_samples, seed, batch_size, progress)
     is_mean, is_std = (None, None) if is_unavailable(detector, num_samples) else inception_score(logits)
     return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview
+
+
+class Preemption(L.Callback):
+    """SIGTERM, or SIGUSR1 (which SLURM sends before a requeue): save last.ckpt after the current step and stop
+    cleanly (exit code 0); ``ckpt_path=last`` (or rerunning in the same run dir) continues from there. Under DDP the
+    ranks agree every ``sync_every`` steps, so that all of them stop at the same step."""
+
+    def __init__(self, last_ckpt: Path, sync_every: int = 10):
+        self.last_ckpt, self.sync_every = Path(last_ckpt), sync_every
+        self.received = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # installed after Lightning's own SIGTERM handler (which would end the run with an exception) and instead of it
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            if trainer.global_step % self.sync_every:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.save_checkpoint(self.last_ckpt)
+            trainer.should_stop = True
+            log.warning(f"{self.received or 'a signal on another rank'}: saved {self.last_ckpt} at step {trainer.global_step} "
+                        f"(epoch {trainer.current_epoch}) and stopped; resume with ckpt_path=last")

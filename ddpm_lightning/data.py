@@ -93,6 +93,13 @@ def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Ten
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """A seed for one training step on one rank: the randomness of a step (noise, t, label drops, flips) is a
+    function of (seed, step, rank, stream), so a resumed run draws what the uninterrupted one would and ranks draw
+    differently, with no generator state to checkpoint."""
+    return hash((seed, step, rank, stream)) & (2**63 - 1)
+
+
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return x.float() / 127.5 - 1
@@ -120,14 +127,19 @@ class _IndexBatches(Dataset):
 
 class EpochBatchSampler(Sampler):
     """A fresh permutation every epoch (seed + epoch, the same on every rank), cut into global batches of
-    batch_size x world_size; each rank takes its slice. Incomplete batches are dropped."""
+    batch_size x world_size; each rank takes its slice. Incomplete batches are dropped. ``resume_at`` makes the
+    next pass over that epoch start after the batches already trained on."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.epoch = 0
+        self._resume = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self._resume = (epoch, batches_done)
 
     def __len__(self) -> int:
         return self.n // (self.batch_size * self.world_size)
@@ -135,8 +147,25 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         global_batch = self.batch_size * self.world_size
-        for start in range(0, len(self) * global_batch, global_batch):
+        skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        self._resume = None
+        for start in range(skip * global_batch, len(self) * global_batch, global_batch):
             yield perm[start + self.rank * self.batch_size : start + (self.rank + 1) * self.batch_size].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its place in the epoch in every checkpoint (Lightning's state_dict protocol for
+    loaders), so that a mid-epoch resume neither repeats nor skips a batch."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, batches_done):
+        super().__init__(dataset, sampler=sampler, batch_size=None)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches_done"])
 
 
 class CIFARDataModule(L.LightningDataModule):
@@ -172,26 +201,27 @@ class CIFARDataModule(L.LightningDataModule):
         if self.batch_size > n:
             raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {n} training images of {self.classes}; lower data.batch_size")
 
-    def _loader(self, images, labels, shuffle: bool) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if shuffle:
-            sampler = EpochBatchSampler(len(labels), self.batch_size, self.seed, rank, world)
-        else:  # every rank its own contiguous share, whole batches in order
-            share = torch.arange(len(labels)).tensor_split(world)[rank]
-            sampler = [b.tolist() for b in share.split(self.batch_size)]
-        return DataLoader(_IndexBatches(images, labels), sampler=sampler, batch_size=None)
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_images, self.train_labels, shuffle=True)
+        rank, world = self._rank_world()
+        sampler = EpochBatchSampler(len(self.train_labels), self.batch_size, self.seed, rank, world)
+        return ResumableLoader(_IndexBatches(self.train_images, self.train_labels), sampler,
+                               batches_done=lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_images, self.test_labels, shuffle=False)
+        rank, world = self._rank_world()  # every rank its own contiguous share, whole batches in order
+        share = torch.arange(len(self.test_labels)).tensor_split(world)[rank]
+        batches = [b.tolist() for b in share.split(self.batch_size)]
+        return DataLoader(_IndexBatches(self.test_images, self.test_labels), sampler=batches, batch_size=None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Scaling to [-1, 1] and random flips (p = 0.5) on the whole batch, on the training device."""
         x, y = batch
         x = to_unit_range(x)
-        if self.flip and self.trainer is not None and self.trainer.training:
-            x = random_hflip(x)
+        trainer = self.trainer
+        if self.flip and trainer is not None and trainer.training:
+            g = torch.Generator(x.device).manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank, stream=1))
+            x = random_hflip(x, generator=g)
         return x, y

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A setting or input that cannot work; the message names the problem and the fix."""
+
+
+class NonFiniteLoss(ConfigError):
+    """Training met too many non-finite losses in a row; the message names the step, the epoch and the way on."""

@@ -20,7 +20,7 @@ from ddpm_lightning.callbacks import evaluate_module
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import load_checkpoint
-from ddpm_lightning.sample import writable_dir
+from ddpm_lightning.cli import writable_dir
 
 log = logging.getLogger(__name__)
 FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "fid", "is_mean", "is_std", "seconds", "ckpt"]
@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> None:
                                         progress=lambda done, chunks: bar.update(task, completed=min(done / chunks, 1) * m.num_samples))
         num_samples = m.num_samples
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
-                   steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=w,
+                   steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
                    num_samples=num_samples, **scores, is_unavailable=metrics.is_unavailable(detector, num_samples),
                    seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt))
     write_json(run_dir / "results.json", results)

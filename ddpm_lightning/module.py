@@ -6,10 +6,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ddpm_lightning.data import step_seed
 from ddpm_lightning.diffusion.guidance import drop_labels, guided
 from ddpm_lightning.diffusion.samplers import StepCallback, get_sampler
 from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
-from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.errors import ConfigError, NonFiniteLoss
 from ddpm_lightning.nets.unet import UNet
 
 
@@ -27,7 +28,8 @@ class DiffusionModule(L.LightningModule):
     """
 
     def __init__(self, net: dict, schedule: dict, class_names: list[str], conditional: bool, p_uncond: float,
-                 guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32):
+                 guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32, seed: int = 0,
+                 max_nonfinite: int = 10, nonfinite_check_every: int = 10):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
@@ -37,6 +39,7 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = UNet(**net, num_classes=len(class_names) if conditional else None)
         self.schedule: Schedule = build_schedule(**schedule)
+        self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
 
     @property
     def sched(self) -> Schedule:
@@ -57,9 +60,26 @@ class DiffusionModule(L.LightningModule):
         return F.mse_loss(self.net(x_t, t), eps)
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(*batch)
+        g = torch.Generator(self.device).manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+        loss = self.loss(*batch, generator=g)
+        self.skip_if_nonfinite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
+
+    def skip_if_nonfinite(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite loss skips the update on the device, with no host sync: the fused Adam step reads
+        ``found_inf`` as it does under a grad scaler, so weights, optimizer state and EMA stay as they were. Every
+        ``nonfinite_check_every`` steps the count of consecutive skips is read, and ``max_nonfinite`` of them stop
+        the run."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        self.optimizers().optimizer.found_inf = bad
+        self.nonfinite_run = bad if self.nonfinite_run is None else (self.nonfinite_run + 1) * bad
+        hp = self.hparams
+        if (self.global_step + 1) % hp.nonfinite_check_every == 0 and int(self.nonfinite_run.item()) >= hp.max_nonfinite:
+            raise NonFiniteLoss(
+                f"training stopped at step {self.global_step} (epoch {self.current_epoch}): the loss was not finite for "
+                f"{int(self.nonfinite_run.item())} consecutive steps (updates skipped: weights, optimizer and EMA are the "
+                "last good ones, as is the last checkpoint); lower model.lr or check the data, then resume with ckpt_path=last")
 
     def validation_step(self, batch, batch_idx):
         """The same loss on held-out images, with noise fixed per batch so epochs compare."""
@@ -68,7 +88,7 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, fused=True)
 
     @torch.no_grad()
     def sample(self, n: int | None = None, labels: torch.Tensor | None = None, w: float | None = None,

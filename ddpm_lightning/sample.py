@@ -13,24 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 
 from ddpm_lightning.callbacks import save_png
+from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset, to_unit_range
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DiffusionModule, load_checkpoint, to_uint8
 
 log = logging.getLogger(__name__)
-
-
-def writable_dir(path: str | Path) -> Path:
-    """The output folder, created; an unwritable one fails before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output dir {path} is not writable ({e.strerror}); pass out=DIR to a writable folder") from None
-    return path
 
 
 def class_labels(module: DiffusionModule, classes: list[str] | None, n: int) -> torch.Tensor | None:

@@ -2,18 +2,19 @@
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import FIDCallback, SampleGrid
+from ddpm_lightning.callbacks import FIDCallback, Preemption, SampleGrid
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
@@ -33,7 +34,44 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
     return DiffusionModule(
         net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
         p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
+        seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"],
     )
+
+
+def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> str | None:
+    """The checkpoint to continue from: ckpt_path=PATH, ckpt_path=last, or the run dir's own last.ckpt when rerun
+    in the same dir; checked to be readable and of the same model before anything is written."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None:
+        path = last if last.is_file() else None
+    elif cfg.ckpt_path == "last":
+        if not last.is_file():
+            raise ConfigError(f"ckpt_path=last, but {last} does not exist; pass hydra.run.dir=<the run's dir> or ckpt_path=PATH")
+        path = last
+    else:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
+    if path is None:
+        return None
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); pass a checkpoint written by train.py") from None
+    for key in ("net", "schedule", "conditional", "class_names", "image_size"):
+        if hparams.get(key) != module.hparams[key]:
+            raise ConfigError(f"checkpoint {path} has {key}={hparams.get(key)}, this run {key}={module.hparams[key]}; "
+                              "resume with the same model/net/schedule/data settings or use another run dir")
+    log.info(f"resuming from {path}")
+    return str(path)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run dir: the id is kept in the run dir, so a resumed run logs to the same W&B run."""
+    path = run_dir / "wandb_id.txt"
+    if not path.is_file():
+        path.write_text(secrets.token_hex(4))
+    return path.read_text().strip()
 
 
 def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict]:
@@ -77,7 +115,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(
             project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir),
-            offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True),
+            offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_run_id(run_dir), resume="allow",
         ))
     return loggers
 
@@ -85,21 +123,24 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def run(cfg: DictConfig) -> None:
     logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and file its messages
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed + rank_zero_only.rank, workers=True)  # distinct training noise on every rank
+    L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
     data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
     data.setup("fit")  # bad data fails here, before anything is built
     module = build_module(cfg, data.classes)
+    ckpt_path = resume_from(cfg, run_dir, module)
     log_prior_gap(module.schedule)
     callbacks = [
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
         instantiate(cfg.callbacks.ema),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        Preemption(run_dir / "checkpoints" / "last.ckpt"),
         RichProgressBar(),
     ]
-    trainer = L.Trainer(**cfg.trainer, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
+    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
+    trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     finally:
         if cfg.logger.wandb is not None:
             import wandb

@@ -16,7 +16,7 @@ def train(python, *overrides, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def smoke_args(root, run_dir, *extra):
     return ["experiment=smoke", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
-            "data.batch_size=8", "trainer.max_epochs=6", f"hydra.run.dir={run_dir}", *extra]
+            "data.batch_size=8", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2", f"hydra.run.dir={run_dir}", *extra]
 
 
 def epoch_losses(metrics: Path) -> list[float]:
