@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
@@ -111,6 +112,16 @@ def evaluate_module(module, detector, reference: dict, num_samples: int, w: floa
     return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview
 
 
+def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
+    """<dirpath>/last.ckpt, overwritten (atomically, by Lightning's writer) at the end of every epoch."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+
+
+class Preempted(Exception):
+    """Raised after a preemption checkpoint: it ends fit() at once, so no epoch-end save overwrites the mid-epoch
+    checkpoint; train.run reports it and exits cleanly."""
+
+
 class Preemption(L.Callback):
     """SIGTERM, or SIGUSR1 (which SLURM sends before a requeue): save last.ckpt after the current step and stop
     cleanly (exit code 0); ``ckpt_path=last`` (or rerunning in the same run dir) continues from there. Under DDP the
@@ -136,6 +147,5 @@ class Preemption(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             trainer.save_checkpoint(self.last_ckpt)
-            trainer.should_stop = True
-            log.warning(f"{self.received or 'a signal on another rank'}: saved {self.last_ckpt} at step {trainer.global_step} "
-                        f"(epoch {trainer.current_epoch}) and stopped; resume with ckpt_path=last")
+            raise Preempted(f"{self.received or 'a signal on another rank'}: saved {self.last_ckpt} at step {trainer.global_step} "
+                            f"(epoch {trainer.current_epoch}) and stopped; resume with ckpt_path=last")

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import FIDCallback, Preemption, SampleGrid
+from ddpm_lightning.callbacks import FIDCallback, Preempted, Preemption, SampleGrid, last_checkpoint
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> None:
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
         instantiate(cfg.callbacks.ema),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
         RichProgressBar(),
     ]
@@ -141,6 +141,8 @@ def run(cfg: DictConfig) -> None:
     trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except Preempted as e:
+        log.warning(str(e))
     finally:
         if cfg.logger.wandb is not None:
             import wandb

@@ -1,0 +1,246 @@
+"""Resume after SIGKILL and SIGTERM, atomic checkpoints, non-finite losses, bad input, safe loading, determinism."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT, make_cifar
+from ddpm_lightning.data import CIFARDataModule
+from ddpm_lightning.errors import ConfigError, NonFiniteLoss
+from ddpm_lightning.module import DiffusionModule, load_checkpoint
+
+
+def train_cmd(python, root, run_dir, *extra):
+    return [python, str(ROOT / "train.py"), "experiment=smoke", "model=improved", f"data.root={root}", "data.classes=[automobile,cat]",
+            "data.max_images=null", "data.batch_size=4", "trainer.check_val_every_n_epoch=2", "logger=csv",
+            f"hydra.run.dir={run_dir}", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a, b):
+    assert a["global_step"] == b["global_step"]
+    for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), ("optimizer", i, k)
+
+
+def wait_for(predicate, timeout=300):
+    start = time.time()
+    while not predicate():
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, python):
+    """An uninterrupted run: 4 epochs of 50 steps."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    root = make_cifar(tmp / "cifar", n_train=100)
+    p = subprocess.run(train_cmd(python, root, tmp / "reference", "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root, load(tmp / "reference" / "checkpoints" / "last.ckpt")
+
+
+def epoch_of(path: Path) -> int:
+    try:
+        return load(path)["epoch"] if path.is_file() else -1
+    except Exception:
+        return -1
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(python, reference_run, tmp_path):
+    root, reference = reference_run
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: epoch_of(last) >= 0 or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load(last)["global_step"]
+    assert killed_at % 50 == 0 and killed_at < 200  # an epoch-boundary checkpoint, before the end
+    p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from {last}" in p.stdout + p.stderr
+    assert_same_training_state(load(last), reference)
+
+
+def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, reference_run, tmp_path):
+    root, reference = reference_run
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: epoch_of(last) >= 0 or proc.poll() is not None)
+    time.sleep(1.0)  # into the next epoch
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped_at = load(last)["global_step"]
+    assert 0 < stopped_at < 200
+    if stopped_at % 50 == 0:
+        pytest.skip("the signal landed on an epoch boundary; the mid-epoch case was not exercised this time")
+    p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_training_state(load(last), reference)  # 200 steps in all, each batch and noise draw exactly once
+
+
+def test_checkpoints_survive_kills_while_being_written(python, tmp_path):
+    """Lightning's checkpoint writer (used by the trainer) is killed at random moments while it writes; what is left
+    at last.ckpt always loads and is a whole checkpoint."""
+    path = tmp_path / "last.ckpt"
+    script = ("import sys, torch\nfrom lightning.pytorch.plugins.io import TorchCheckpointIO\nio = TorchCheckpointIO()\ni = 0\n"
+              "print('ready', flush=True)\n"
+              "while True:\n    io.save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1]); i += 1\n")
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(8):
+        proc = subprocess.Popen([python, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        time.sleep(0.1 + 0.6 * torch.rand((), generator=g).item())
+        proc.kill()
+        proc.wait()
+        if path.is_file():
+            ckpt = load(path)
+            assert (ckpt["w"] == ckpt["step"]).all()
+            seen.add(ckpt["step"])
+    assert seen and not list(tmp_path.glob("*.tmp*"))
+
+
+class NaNAfter(DiffusionModule):
+    """Injects NaN losses from a given step on."""
+
+    nan_from = 7
+
+    def loss(self, *args, **kwargs):
+        loss = super().loss(*args, **kwargs)
+        return loss * float("nan") if self.global_step >= self.nan_from else loss
+
+
+class Snapshot(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == NaNAfter.nan_from:  # after the last good update
+            self.good = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+
+def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from ddpm_lightning.callbacks import last_checkpoint
+
+    torch.manual_seed(0)
+    m = NaNAfter(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=20), class_names=["cat", "ship"],
+                 conditional=True, p_uncond=0.1, guidance_w=1.0, sampler=dict(name="ddim", steps=2), max_nonfinite=3,
+                 nonfinite_check_every=1)
+    snap, ema = Snapshot(), WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    ckpt = last_checkpoint(tmp_path / "checkpoints")
+    trainer = L.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[snap, ema, ckpt])
+    with pytest.raises(NonFiniteLoss, match=r"training stopped at step 9 \(epoch 1\): the loss was not finite for 3 consecutive steps"):
+        trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
+    assert all(torch.equal(m.net.state_dict()[k], snap.good[k]) for k in snap.good)  # no update after the NaNs began
+    assert all(torch.isfinite(p).all() for p in ema._average_model.parameters())  # nothing non-finite reached the EMA
+    saved = load(tmp_path / "checkpoints" / "last.ckpt")  # the epoch-0 checkpoint is intact
+    assert saved["global_step"] == 5 and all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+@pytest.fixture(scope="module")
+def simple_run(tmp_path_factory, python):
+    tmp = tmp_path_factory.mktemp("simple")
+    root = make_cifar(tmp / "cifar")
+    run_dir = tmp / "run"
+    cmd = train_cmd(python, root, run_dir, "model=simple", "trainer.max_epochs=1")
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    return root, run_dir
+
+
+def bad_input_cases(root, run_dir, corrupt_root):
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return [
+        (["model=fancy"], "Could not find 'model/fancy' Available options in 'model': improved simple"),
+        (["trainer.foo=1"], "Could not override 'trainer.foo'. To append to your config use +trainer.foo=1"),
+        (["data.classes=[car]"], "data.classes has unknown class names ['car']; choose from airplane"),
+        (["schedule.T=0"], "schedule.T=0: the schedule needs T >= 1 steps"),
+        (["schedule.beta_T=1.5"], "schedule betas (0.0001, 1.5) must lie in (0, 1)"),
+        (["schedule.beta_1=0.02", "schedule.beta_T=0.001"], "schedule.beta_T=0.001 < schedule.beta_1=0.02: betas must not decrease"),
+        (["guidance.p_uncond=1.5"], "guidance.p_uncond=1.5 must lie in [0, 1]"),
+        (["model=simple", "guidance.w=2"], "guidance (w=2.0, p_uncond=0.0) given to the unconditional model"),
+        (["data.batch_size=100000"], "data.batch_size=100000 is larger than the 40 training images"),
+        (["data.root=/nonexistent", "data.download=false"], "CIFAR-10 not found at /nonexistent/cifar-10-batches-py and data.download=false"),
+        ([f"data.root={corrupt_root}"], "cannot read CIFAR-10 file"),
+        (["ckpt_path=/nonexistent.ckpt"], "checkpoint ckpt_path=/nonexistent.ckpt does not exist"),
+        ([f"ckpt_path={ckpt}"], f"checkpoint {ckpt} has conditional=False, this run conditional=True"),
+        ([f"hydra.run.dir={run_dir}"], f"checkpoint {ckpt} has conditional=False, this run conditional=True"),
+        (["callbacks.fid.every_n_epochs=2", "metrics.num_samples=1"], "metrics.num_samples=1 must be at least 2"),
+        (["hydra.run.dir=/proc/forbidden"], "output dir /proc/forbidden is not writable"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(python, simple_run, tmp_path):
+    root, run_dir = simple_run
+    corrupt = make_cifar(tmp_path / "corrupt")
+    (corrupt / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x04garbage")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    for args, message in bad_input_cases(root, run_dir, corrupt):
+        default_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else [f"hydra.run.dir={tmp_path / 'out'}"]
+        cmd = [*train_cmd(python, root, tmp_path / "out", "trainer.max_epochs=1")[:-1], *default_dir, *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and message in lines[-1], (args, p.stderr[-2000:])
+        assert not (tmp_path / "out" / "checkpoints").exists(), args
+    assert ckpt.read_bytes() == before
+
+
+def test_crafted_checkpoints_with_pickled_callables_are_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": {"net": {}}, "state_dict": {}, "payload": os.system}, path)
+    with pytest.raises(ConfigError, match="cannot load checkpoint .*evil.ckpt"):
+        load_checkpoint(str(path))
+
+
+def calls_of(source: str, name: str) -> list[str]:
+    """The full text of every call ``name(...)`` in the source, parentheses balanced."""
+    calls = []
+    for match in re.finditer(re.escape(name) + r"\(", source):
+        depth, end = 0, match.end() - 1
+        for end in range(match.end() - 1, len(source)):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+        calls.append(source[match.start() : end + 1])
+    return calls
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    calls = []
+    for path in [*ROOT.joinpath("ddpm_lightning").rglob("*.py"), *ROOT.glob("*.py"), *ROOT.joinpath("bench").glob("*.py")]:
+        for name in ("torch.load", "load_from_checkpoint", "load_state_dict_from_url"):
+            calls += [(path.name, call) for call in calls_of(path.read_text(), name)]
+    assert len(calls) >= 5 and all("weights_only=True" in call for _, call in calls), calls
+
+
+def test_same_seed_same_losses_and_samples(python, tmp_path):
+    root = make_cifar(tmp_path / "cifar")
+    outs = []
+    for name in ("a", "b"):
+        p = subprocess.run(train_cmd(python, root, tmp_path / name, "trainer.max_epochs=2"), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        losses = [r.split(",")[3] for r in (tmp_path / name / "csv" / "metrics.csv").read_text().splitlines()[1:]]
+        outs.append((losses, (tmp_path / name / "samples" / "epoch_0001.png").read_bytes()))
+    assert outs[0] == outs[1] and any(outs[0][0])
