@@ -121,7 +121,7 @@ class _IndexBatches(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(idx)
+        idx = torch.as_tensor(idx).to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
 
 
@@ -186,7 +186,8 @@ class CIFARDataModule(L.LightningDataModule):
         return len(self.classes)
 
     def prepare_data(self) -> None:
-        ensure_cifar10(self.root, self.download, self.url)
+        if self.train_images is None:  # already read: nothing to fetch
+            ensure_cifar10(self.root, self.download, self.url)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_images is not None:
@@ -204,17 +205,22 @@ class CIFARDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
+    def _resident(self, images: torch.Tensor, labels: torch.Tensor) -> _IndexBatches:
+        """The subset on the training device (a GPU holds CIFAR-10 whole), gathered a batch at a time there."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return _IndexBatches(images.to(device), labels.to(device))
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = EpochBatchSampler(len(self.train_labels), self.batch_size, self.seed, rank, world)
-        return ResumableLoader(_IndexBatches(self.train_images, self.train_labels), sampler,
+        return ResumableLoader(self._resident(self.train_images, self.train_labels), sampler,
                                batches_done=lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()  # every rank its own contiguous share, whole batches in order
         share = torch.arange(len(self.test_labels)).tensor_split(world)[rank]
         batches = [b.tolist() for b in share.split(self.batch_size)]
-        return DataLoader(_IndexBatches(self.test_images, self.test_labels), sampler=batches, batch_size=None)
+        return DataLoader(self._resident(self.test_images, self.test_labels), sampler=batches, batch_size=None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Scaling to [-1, 1] and random flips (p = 0.5) on the whole batch, on the training device."""

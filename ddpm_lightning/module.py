@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import logging
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from ddpm_lightning.diffusion.samplers import StepCallback, get_sampler
 from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
 from ddpm_lightning.errors import ConfigError, NonFiniteLoss
 from ddpm_lightning.nets.unet import UNet
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +33,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(self, net: dict, schedule: dict, class_names: list[str], conditional: bool, p_uncond: float,
                  guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32, seed: int = 0,
-                 max_nonfinite: int = 10, nonfinite_check_every: int = 10):
+                 max_nonfinite: int = 10, nonfinite_check_every: int = 10, compile: bool = False, channels_last: bool = False):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
@@ -40,6 +44,25 @@ class DiffusionModule(L.LightningModule):
         self.net = UNet(**net, num_classes=len(class_names) if conditional else None)
         self.schedule: Schedule = build_schedule(**schedule)
         self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        object.__setattr__(self, "train_net", self.net)  # the compiled U-Net when compile=True; not a submodule
+
+    def setup(self, stage: str) -> None:
+        """Speed options for training, applied after Lightning's EMA callback has copied the module."""
+        self.net.to(memory_format=self.memory_format)
+        if stage == "fit" and self.hparams.compile:
+            object.__setattr__(self, "train_net", torch.compile(self.net))
+
+    def forward_train(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """eps_theta in training; if torch.compile fails, one warning and eager from then on."""
+        try:
+            return self.train_net(x_t, t, y)
+        except Exception as e:
+            if self.train_net is self.net:
+                raise
+            log.warning(f"torch.compile of the U-Net failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
+            object.__setattr__(self, "train_net", self.net)
+            return self.net(x_t, t, y)
 
     @property
     def sched(self) -> Schedule:
@@ -48,20 +71,18 @@ class DiffusionModule(L.LightningModule):
             self.schedule.to(self.device)
         return self.schedule
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, net=None) -> torch.Tensor:
         """Algorithm 1: t ~ Uniform({1..T}) (0-based index here), eps ~ N(0, I), MSE on the noise."""
         sched = self.sched
         t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-        x_t = sched.q_sample(x0, t, eps)  # eq. 3
-        if self.hparams.conditional:
-            y = drop_labels(y, self.hparams.p_uncond, self.net.null_class, generator)
-            return F.mse_loss(self.net(x_t, t, y), eps)
-        return F.mse_loss(self.net(x_t, t), eps)
+        x_t = sched.q_sample(x0, t, eps).contiguous(memory_format=self.memory_format)  # eq. 3
+        y = drop_labels(y, self.hparams.p_uncond, self.net.null_class, generator) if self.hparams.conditional else None
+        return F.mse_loss((net or self.net)(x_t, t, y).float(), eps)
 
     def training_step(self, batch, batch_idx):
         g = torch.Generator(self.device).manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
-        loss = self.loss(*batch, generator=g)
+        loss = self.loss(*batch, generator=g, net=self.forward_train)
         self.skip_if_nonfinite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
         return loss

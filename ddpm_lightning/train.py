@@ -34,7 +34,8 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
     return DiffusionModule(
         net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
         p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
-        seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"],
+        seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"], compile=c["model"]["compile"],
+        channels_last=c["model"]["channels_last"],
     )
 
 
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> None:
         instantiate(cfg.callbacks.ema),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        RichProgressBar(),
+        RichProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
     ]
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
     trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)

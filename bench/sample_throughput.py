@@ -1,0 +1,80 @@
+"""Guided sampling throughput, side by side in one run: B images, classifier-free guidance (w = 2, one forward pass
+over 2B per step), DPM-Solver++ with 20 steps.
+
+  (a) the project's path: DiffusionModule.sample (channels_last on a GPU; bf16 autocast with --bf16)
+  (b) the same net and sampler with every speed option off: fp32, math attention, contiguous layout
+  (c) diffusers' UNet2DModel of a comparable size with its DPMSolverMultistepScheduler (dpmsolver++, order 2)
+
+    .venv/bin/python bench/sample_throughput.py [--width 8] [--batch 64] [--steps 20] [--bf16]
+"""
+
+import argparse
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import device, flops, peak_tflops, record, report, reset_memory, timed
+from train_throughput import K, diffusers_unet, make_module
+
+
+def main():
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser()
+    p.add_argument("--width", type=int, default=64 if gpu else 8)
+    p.add_argument("--batch", type=int, default=1000 if gpu else 32)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3 if gpu else 2)
+    p.add_argument("--bf16", action="store_true", default=gpu)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    dev = device()
+    torch.manual_seed(0)
+    module = make_module(args.width, gpu=gpu, compile_=False).to(dev).eval()
+    module.setup("sample")  # channels_last on a GPU
+    labels = torch.arange(args.batch, device=dev) % K
+    sampler = dict(name="dpm_solver", steps=args.steps, spacing="quadratic")
+
+    def ours():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            module.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+
+    plain = make_module(args.width, gpu=False, compile_=False).to(dev).eval()
+
+    def all_off():
+        with sdpa_kernel(SDPBackend.MATH):
+            plain.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    d_net = diffusers_unet(args.width).to(dev).eval()
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=500, beta_start=1e-4, beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2)
+    y2 = torch.cat([labels, torch.full_like(labels, K)])
+
+    @torch.no_grad()
+    def diffusers_sampling():
+        scheduler.set_timesteps(args.steps)
+        x = torch.randn(args.batch, 3, 32, 32, device=dev)
+        for t in scheduler.timesteps:
+            eps_c, eps_u = d_net(torch.cat([x, x]), t, class_labels=y2).sample.chunk(2)
+            x = scheduler.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+
+    x2 = torch.randn(2 * args.batch, 3, 32, 32, device=dev)
+    t2 = torch.zeros(2 * args.batch, dtype=torch.long, device=dev)
+    per_image = args.steps * flops(lambda: module.net(x2, t2, y2)) / args.batch
+    d_per_image = args.steps * flops(lambda: d_net(x2, t2, class_labels=y2)) / args.batch
+    peak = peak_tflops(args.peak_tflops)
+    rows = []
+    for name, fn, f in [("(a) project default (DiffusionModule.sample)", ours, per_image), ("(b) every speed option off", all_off, per_image),
+                        ("(c) diffusers UNet2DModel + DPMSolverMultistepScheduler", diffusers_sampling, d_per_image)]:
+        reset_memory()
+        with torch.no_grad():
+            seconds = timed(fn, warmup=1, repeats=args.repeats)
+        rows.append(record(name, args.batch / seconds, f, peak))
+    a, b, c = (r["images_per_s"] for r in rows)
+    report("sample_throughput", rows, out=args.out, width=args.width, batch=args.batch, steps=args.steps, guided=True, bf16=args.bf16,
+           ratios={"default_over_all_off": round(a / b, 3), "default_over_diffusers": round(a / c, 3)})
+
+
+if __name__ == "__main__":
+    main()
