@@ -104,7 +104,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: (r["w"], r["sampler"]))
+        rows = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"]))
         if not rows:
             return
         write_csv(sweep / "summary.csv", rows)
