@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import device, flops, peak_tflops, record, report, reset_memory, sync
+from common import device, flops, peak_tflops, record, report, reset_memory, sync, timed
 from ddpm_lightning.data import CIFARDataModule, random_hflip, step_seed, to_unit_range
 from ddpm_lightning.module import DiffusionModule
 
@@ -78,7 +78,10 @@ def plain_loop(width, batch, steps, warmup, gpu, images, labels):
     images, labels = images.to(dev), labels.to(dev)
     n = len(labels)
 
-    def step(i):
+    count = iter(range(10**9))
+
+    def step():
+        i = next(count)
         idx = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(i)).to(dev)
         g = torch.Generator(dev).manual_seed(step_seed(0, i, 0))
         x = random_hflip(to_unit_range(images[idx]), generator=g)
@@ -90,14 +93,7 @@ def plain_loop(width, batch, steps, warmup, gpu, images, labels):
         opt.zero_grad(set_to_none=True)
         ema.update_parameters(module.net)
 
-    for i in range(warmup):
-        step(i)
-    sync()
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    sync()
-    return batch * steps / (time.perf_counter() - start)
+    return batch / timed(step, warmup, steps)
 
 
 def all_off(width, batch, steps, warmup, images, labels):
@@ -134,14 +130,7 @@ def all_off(width, batch, steps, warmup, images, labels):
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return batch * steps / (time.perf_counter() - start)
+    return batch / timed(step, warmup, steps)
 
 
 def diffusers_unet(width):
@@ -172,14 +161,7 @@ def diffusers_loop(width, batch, steps, warmup, images, labels):
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return batch * steps / (time.perf_counter() - start), sum(p.numel() for p in net.parameters())
+    return batch / timed(step, warmup, steps), sum(p.numel() for p in net.parameters())
 
 
 def main():
