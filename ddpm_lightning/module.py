@@ -1,8 +1,7 @@
 """DiffusionModule: the U-Net, Algorithm 1's loss, Adam, and the one sample() API."""
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
