@@ -3,7 +3,7 @@
   (a) the project's path: metrics.extract, uint8 images already on the device, large batches
   (b) torch-fidelity's own input path: its feature extraction over a Dataset through a DataLoader (batch 64)
 
-    .venv/bin/python bench/fid_throughput.py --weights ../shared/weights/pt_inception-2015-12-05-pool3-only.pth [--n 64]
+    .venv/bin/python bench/fid_throughput.py [--weights ../shared/weights/pt_inception-2015-12-05-pool3-only.pth] [--n 64]
 """
 
 import argparse
@@ -29,14 +29,18 @@ class Images(torch.utils.data.Dataset):
 def main():
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser()
-    p.add_argument("--weights", required=True, help="an FID Inception state dict in torch-fidelity's layout")
+    p.add_argument("--weights", default="random", help="an FID Inception state dict in torch-fidelity's layout, or 'random' "
+                   "(a random network of the same shape: the same arithmetic, so the same throughput)")
     p.add_argument("--n", type=int, default=5000 if gpu else 64)
     p.add_argument("--batch", type=int, default=500 if gpu else 64)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     dev = device()
-    detector = metrics.load_inception(args.weights).to(dev)
+    if args.weights == "random":
+        detector = metrics.Inception(metrics.random_inception_state(), "random weights").to(dev)
+    else:
+        detector = metrics.load_inception(args.weights).to(dev)
     images = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8)
     on_device = images.to(dev)
     per_image = flops(lambda: detector(on_device[:2])) / 2

@@ -59,6 +59,26 @@ class Inception(FeatureExtractorInceptionV3):
         return missing, unexpected
 
 
+def random_inception_state(seed: int = 0, classifier: bool = True) -> dict:
+    """A randomly initialised FID Inception state dict in torch-fidelity's layout (He-normal convolutions, so that
+    features keep their scale): for tests and throughput benchmarks, which must not need the real weights."""
+    from unittest import mock
+
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        arch = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in arch.state_dict().items():
+        if name.endswith("conv.weight"):
+            value = torch.randn(value.shape, generator=g) * (2 / value[0].numel()) ** 0.5
+        elif name == "fc.weight":
+            value = torch.randn(value.shape, generator=g) * 0.05
+        if classifier or not name.startswith("fc."):
+            state[name] = value
+    return state
+
+
 def load_inception(weights: str | None) -> Inception:
     """The detector from ``metrics.inception_weights`` (a file in torch-fidelity's layout), or torch-fidelity's
     download when unset. Unavailable weights fail here, with one line naming the setting."""

@@ -63,28 +63,9 @@ def smoke_run(tmp_path_factory, python):
 
 
 def random_detector_state(seed: int = 0, classifier: bool = True) -> dict:
-    """A randomly initialised FID Inception in torch-fidelity's layout (He-normal convolutions so that features keep
-    their scale through the network), for tests that must not touch the network or ../shared."""
-    from unittest import mock
+    from ddpm_lightning.metrics import random_inception_state
 
-    import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        arch = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in arch.state_dict().items():
-        if name.endswith("conv.weight"):
-            fan_in = value[0].numel()
-            value = torch.randn(value.shape, generator=g) * (2 / fan_in) ** 0.5
-        elif name == "fc.weight":
-            value = torch.randn(value.shape, generator=g) * 0.05
-        state[name] = value
-    if not classifier:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    return state
+    return random_inception_state(seed, classifier)
 
 
 @pytest.fixture(scope="session")
