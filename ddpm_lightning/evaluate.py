@@ -8,7 +8,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -17,10 +16,10 @@ from rich.progress import Progress
 
 from ddpm_lightning import metrics
 from ddpm_lightning.callbacks import evaluate_module
+from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import load_checkpoint
-from ddpm_lightning.cli import writable_dir
 
 log = logging.getLogger(__name__)
 FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "fid", "is_mean", "is_std", "seconds", "ckpt"]
@@ -43,8 +42,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def run(cfg: DictConfig) -> None:
     m = cfg.metrics
-    if m.num_samples < 2:
-        raise ConfigError(f"metrics.num_samples={m.num_samples} must be at least 2 (FID needs a covariance)")
     module = load_checkpoint(cfg.ckpt, cfg.device)
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
@@ -52,12 +49,10 @@ def run(cfg: DictConfig) -> None:
     run_dir = writable_dir(HydraConfig.get().runtime.output_dir)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
-    detector = metrics.load_inception(m.inception_weights).to(module.device)
     folder = ensure_cifar10(cfg.data.root, download=True)
-    train_images = load_subset(folder, hp.class_names, m.reference_split)[0]
-    train_images = train_images[: m.reference_images] if m.reference_images else train_images
-    key = dict(classes=list(hp.class_names), split=m.reference_split, detector=metrics.detector_id(m.inception_weights))
-    reference = metrics.reference_statistics(detector, train_images, key, m.cache_dir, m.batch_size)
+    detector, reference = metrics.detector_and_reference(
+        m.num_samples, m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
+        m.reference_split, m.reference_images, m.cache_dir, m.batch_size, module.device)
 
     start = time.perf_counter()
     if cfg.real:  # the floor: real held-out images of the subset against the same statistics

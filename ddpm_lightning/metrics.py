@@ -13,7 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
@@ -165,6 +164,18 @@ def reference_statistics(detector: Inception, images: torch.Tensor, key: dict, c
     torch.save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "key": json.dumps(key)}, tmp)
     os.replace(tmp, path)
     return stats
+
+
+def detector_and_reference(num_samples: int, weights: str | None, classes: list[str], images: torch.Tensor, split: str,
+                           limit: int | None, cache_dir: str | Path, batch_size: int, device) -> tuple[Inception, dict]:
+    """What every FID needs, checked before any work: the detector (on ``device``) and the reference statistics of
+    the first ``limit`` (or all) real images of the subset's ``split``, from the cache when it has them."""
+    if num_samples < 2:
+        raise ConfigError(f"metrics.num_samples={num_samples} must be at least 2 (FID needs a covariance)")
+    detector = load_inception(weights).to(device)
+    images = images[:limit] if limit else images
+    key = dict(classes=list(classes), split=split, detector=detector_id(weights))
+    return detector, reference_statistics(detector, images, key, cache_dir, batch_size)
 
 
 def even_labels(n: int, num_classes: int) -> torch.Tensor:

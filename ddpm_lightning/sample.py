@@ -43,10 +43,14 @@ def save_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def evenly(n: int, count: int) -> list[int]:
+    """``count`` evenly spaced indices of 0..n-1, first and last included."""
+    return [round(k * (n - 1) / (count - 1)) for k in range(count)]
+
+
 def strip(frames: list[torch.Tensor], count: int) -> torch.Tensor:
-    """``count`` evenly spaced frames (first and last included) of a sequence of (1, 3, H, W) states, as one row."""
-    picks = [round(k * (len(frames) - 1) / (count - 1)) for k in range(count)]
-    return make_grid(to_uint8(torch.cat([frames[i] for i in picks])), nrow=count, padding=2)
+    """``count`` evenly spaced frames of a sequence of (1, 3, H, W) states, as one row."""
+    return make_grid(to_uint8(torch.cat([frames[i] for i in evenly(len(frames), count)])), nrow=count, padding=2)
 
 
 def run(cfg: DictConfig) -> None:
@@ -76,5 +80,6 @@ def run(cfg: DictConfig) -> None:
         x0 = to_unit_range(load_subset(folder, names, "test")[0][:1]).to(module.device)
         sched = module.sched
         eps = torch.randn(x0.shape, device=module.device, generator=torch.Generator(module.device).manual_seed(cfg.seed))
-        frames = [x0] + [sched.q_sample(x0, torch.tensor([i], device=module.device), eps) for i in range(sched.T)]
+        steps = [i - 1 for i in evenly(sched.T + 1, cfg.strips.frames)]  # -1 is x_0 itself, then 0-based t indices
+        frames = [x0 if i < 0 else sched.q_sample(x0, torch.tensor([i], device=module.device), eps) for i in steps]
         save_png(strip(frames, cfg.strips.frames), out / "forward_diffusion.png")

@@ -18,7 +18,7 @@ from ddpm_lightning.callbacks import FIDCallback, Preempted, Preemption, SampleG
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.module import DiffusionModule, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,12 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict]:
-    """The FID detector and the reference statistics of the subset's real images (cached)."""
+    """The FID detector and the reference statistics of the subset's real images (cached), on the training device."""
     m = cfg.metrics
-    if m.num_samples < 2:
-        raise ConfigError(f"metrics.num_samples={m.num_samples} must be at least 2 (FID needs a covariance)")
-    detector = metrics.load_inception(m.inception_weights)
     images = data.train_images if m.reference_split == "train" else data.test_images
-    images = images[: m.reference_images] if m.reference_images else images
-    key = dict(classes=data.classes, split=m.reference_split, detector=metrics.detector_id(m.inception_weights))
-    return detector, metrics.reference_statistics(detector, images, key, m.cache_dir, m.batch_size)
+    device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
+    return metrics.detector_and_reference(m.num_samples, m.inception_weights, data.classes, images, m.reference_split,
+                                          m.reference_images, m.cache_dir, m.batch_size, device)
 
 
 def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:

@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, SHARED, natural_images, random_detector_state
+from conftest import SHARED, natural_images, random_detector_state
 from ddpm_lightning import metrics
 from ddpm_lightning.callbacks import evaluate_module
 from ddpm_lightning.errors import ConfigError

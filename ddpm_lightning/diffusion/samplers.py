@@ -5,7 +5,6 @@ guidance is already inside eps_fn (guidance.guided), so every sampler makes one 
 ``callback(i, x)``, if given, sees the state after each step (i: index of the step just taken).
 """
 
-import math
 from typing import Callable
 
 import torch
