@@ -19,11 +19,11 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import WeightAveraging
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from common import device, flops, peak_tflops, record, report, reset_memory, sync, timed
+from ddpm_lightning.callbacks import EMA, EMAModel
 from ddpm_lightning.data import CIFARDataModule, random_hflip, step_seed, to_unit_range
 from ddpm_lightning.module import DiffusionModule
 
@@ -63,7 +63,7 @@ def lightning_path(width, batch, steps, warmup, gpu, images, labels):
     trainer = L.Trainer(max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
                         precision="bf16-mixed" if gpu else "32-true", accelerator="auto", devices=1,
-                        callbacks=[clock, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9999))])
+                        callbacks=[clock, EMA(0.9999)])
     trainer.fit(module, datamodule=dm)
     return batch * steps / clock.seconds
 
@@ -72,7 +72,7 @@ def plain_loop(width, batch, steps, warmup, gpu, images, labels):
     """The same work as (a) per step, without Lightning: gather, scale, flip, loss, skip check, fused Adam, EMA."""
     dev = device()
     module = make_module(width, gpu).to(dev)
-    ema = AveragedModel(module.net, multi_avg_fn=get_ema_multi_avg_fn(0.9999))
+    ema = EMAModel(module.net, multi_avg_fn=get_ema_multi_avg_fn(0.9999))
     module.setup("fit")
     opt = torch.optim.Adam(module.net.parameters(), lr=1e-3, fused=True)
     images, labels = images.to(dev), labels.to(dev)

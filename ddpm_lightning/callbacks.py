@@ -9,9 +9,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ddpm_lightning.metrics import even_labels, fid, generated_features, inception_score, is_unavailable
@@ -110,6 +111,65 @@ def evaluate_module(module, detector, reference: dict, num_samples: int, w: floa
     pool, logits, preview = generated_features(generate, detector, num_samples, seed, batch_size, progress)
     is_mean, is_std = (None, None) if is_unavailable(detector, num_samples) else inception_score(logits)
     return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview
+
+
+class EMAModel(AveragedModel):
+    """torch's AveragedModel with the update count read back from the device once per process rather than twice per
+    step (torch's ``update_parameters`` tests ``n_averaged``, a device tensor, with Python ``if``s): the first update
+    copies the weights, every later one is ``multi_avg_fn`` over each (device, dtype) group, all queued on the device."""
+
+    started: bool | None = None  # whether an update was made, as read from n_averaged at this process's first update
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self.started is None:
+            self.started = bool(self.n_averaged > 0)  # the one host read (a resumed run's count comes from its checkpoint)
+        if self.use_buffers:
+            averaged, current = [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
+        else:
+            averaged, current = list(self.parameters()), list(model.parameters())
+        groups: dict = {}
+        for a, c in zip(averaged, current, strict=True):
+            group = groups.setdefault((a.device, a.dtype), ([], []))
+            group[0].append(a.detach())
+            group[1].append(c.detach().to(a.device))
+        for a, c in groups.values():
+            if self.started:
+                self.multi_avg_fn(a, c, self.n_averaged)
+            else:
+                torch._foreach_copy_(a, c)
+        self.started = True
+        self.n_averaged += 1
+
+
+class EMA(WeightAveraging):
+    """Lightning's WeightAveraging with an exponential moving average of the weights, theta_ema <- decay theta_ema +
+    (1 - decay) theta after every optimizer step (one foreach lerp), and no host read per step (EMAModel)."""
+
+    def __init__(self, decay: float = 0.9999):
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._average_model = EMAModel(pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with the training loss read back from the device once per ``refresh_rate``
+    steps (it is logged without ``prog_bar``, which Lightning would convert to a number after every step)."""
+
+    def __init__(self, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.loss: float | None = None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if trainer.training and loss is not None and (self.loss is None or trainer.global_step % self.refresh_rate == 0):
+            self.loss = loss.item()
+        if self.loss is not None:
+            items["loss"] = f"{self.loss:.4g}"
+        return items
 
 
 def last_checkpoint(dirpath: Path) -> ModelCheckpoint:

@@ -83,7 +83,7 @@ class DiffusionModule(L.LightningModule):
         g = torch.Generator(self.device).manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
         loss = self.loss(*batch, generator=g, net=self.forward_train)
         self.skip_if_nonfinite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch[0].shape[0])  # no prog_bar: see ProgressBar
         return loss
 
     def skip_if_nonfinite(self, loss: torch.Tensor) -> None:

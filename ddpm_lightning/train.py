@@ -8,13 +8,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import FIDCallback, Preempted, Preemption, SampleGrid, last_checkpoint
+from ddpm_lightning.callbacks import EMA, FIDCallback, Preempted, Preemption, ProgressBar, SampleGrid, last_checkpoint
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
@@ -130,10 +128,10 @@ def run(cfg: DictConfig) -> None:
     callbacks = [
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
-        instantiate(cfg.callbacks.ema),
+        EMA(**cfg.callbacks.ema),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        RichProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+        ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
     ]
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
     trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)

@@ -1,12 +1,13 @@
 import copy
+from collections import Counter
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm_lightning.callbacks import SampleGrid
+from ddpm_lightning.callbacks import EMA, EMAModel, ProgressBar, SampleGrid
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DiffusionModule
@@ -71,9 +72,75 @@ def test_sampling_callbacks_see_the_ema_weights(cifar_root, tmp_path):
     probe = RecordWeights()
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         use_distributed_sampler=False, limit_val_batches=1, default_root_dir=tmp_path,
-                        callbacks=[probe, SampleGrid(n_per_class=1), WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(1.0))])
+                        callbacks=[probe, SampleGrid(n_per_class=1), EMA(1.0)])
     trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
     first = probe.first_step
     assert all(torch.equal(probe.seen[k], first[k]) for k in first)
     assert not all(torch.equal(probe.training_weights[k], first[k]) for k in first)  # training did move them
     assert (tmp_path / "samples" / "epoch_0000.png").is_file()
+
+
+def test_ema_model_equals_torchs_averaged_model():
+    """The same updates as torch's AveragedModel (first a copy, then lerps), bit for bit, also after a reload."""
+    torch.manual_seed(0)
+    net = module().net
+    ours, torchs = (cls(net, multi_avg_fn=get_ema_multi_avg_fn(0.9)) for cls in (EMAModel, AveragedModel))
+    for step in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        torchs.update_parameters(net)
+        if step == 1:  # a resumed run: a fresh EMAModel given the saved state reads its count once
+            ours = EMAModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+            ours.load_state_dict(torchs.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), torchs.state_dict().values()))
+    assert int(ours.n_averaged) == 4
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), bool(), int(): aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+class ReadsPerStep(L.Callback):
+    """Host reads per training step, counted from on_train_batch_start of the first callback in the list to
+    on_train_batch_end of ``self.stop``, the last one (so the other callbacks' work is inside)."""
+
+    def __init__(self):
+        self.reads, self.mode, self.stop = Counter(), None, StopCounting(self)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.mode = HostReads()
+        self.mode.__enter__()
+
+
+class StopCounting(L.Callback):
+    def __init__(self, probe: ReadsPerStep):
+        self.probe = probe
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.probe.mode.__exit__(None, None, None)
+        self.probe.reads[trainer.global_step] = self.probe.mode.count
+
+
+def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path):
+    """The training step, the EMA update and the progress bar queue their work and never wait for the device,
+    except where they are meant to: the non-finite check (every nonfinite_check_every steps), the progress bar's
+    loss (every refresh_rate steps) and the first EMA update (once)."""
+    torch.manual_seed(0)
+    probe, bar = ReadsPerStep(), ProgressBar(refresh_rate=7)
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, log_every_n_steps=50, callbacks=[probe, EMA(0.9), bar, probe.stop])
+    trainer.fit(module(nonfinite_check_every=5), datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))
+    step_reads = {step: n for step, n in probe.reads.items() if n}
+    # step 1: the EMA's count and the bar's first loss; 5, 10: the non-finite check; 7: a refresh of the bar
+    assert step_reads == {1: 2, 5: 1, 7: 1, 10: 1}, step_reads
+    assert isinstance(bar.loss, float)

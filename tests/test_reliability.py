@@ -137,16 +137,13 @@ class Snapshot(L.Callback):
 
 
 def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
-    from lightning.pytorch.callbacks import WeightAveraging
-    from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-    from ddpm_lightning.callbacks import last_checkpoint
+    from ddpm_lightning.callbacks import EMA, last_checkpoint
 
     torch.manual_seed(0)
     m = NaNAfter(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=20), class_names=["cat", "ship"],
                  conditional=True, p_uncond=0.1, guidance_w=1.0, sampler=dict(name="ddim", steps=2), max_nonfinite=3,
                  nonfinite_check_every=1)
-    snap, ema = Snapshot(), WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    snap, ema = Snapshot(), EMA(0.9)
     ckpt = last_checkpoint(tmp_path / "checkpoints")
     trainer = L.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[snap, ema, ckpt])
