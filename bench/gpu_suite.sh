@@ -20,10 +20,11 @@ if [ ! -f "$DATA/cifar-10-batches-py/data_batch_5" ]; then  # only data_batch_1 
   DATA=$tmp/data
 fi
 $PY train_throughput.py --out "$tmp/train.json"                    # batch 256: throughput at a larger batch
-$PY train_throughput.py --batch 64 --out "$tmp/train_b64.json"     # the paper's batch
 $PY sample_throughput.py --out "$tmp/sample.json"                  # 1,000 guided samples, DPM-Solver++ 20 steps
 $PY fid_throughput.py --weights "$WEIGHTS" --out "$tmp/fid.json"
-$PY real_training.py --data "$DATA" --out "$tmp/real.json"
+$PY eval_throughput.py --out "$tmp/eval.json"                      # 50,000 guided samples + features, FID, IS
+$PY real_training.py --data "$DATA" --out "$tmp/real.json"         # the paper's batch, 64, on the real images
+$PY speed_equivalence.py --out "$tmp/equivalence.json"             # loss curves, every speed option on vs off
 $PY - "$tmp" "$out" <<'PY'
 import json, pathlib, sys
 tmp, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

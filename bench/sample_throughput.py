@@ -1,11 +1,13 @@
 """Guided sampling throughput, side by side in one run: B images, classifier-free guidance (w = 2, one forward pass
 over 2B per step), DPM-Solver++ with 20 steps.
 
-  (a) the project's path: DiffusionModule.sample (channels_last on a GPU; bf16 autocast with --bf16)
-  (b) the same net and sampler with every speed option off: fp32, math attention, contiguous layout
+  (a) the project's path: DiffusionModule.sample with this device's defaults (on a GPU: the U-Net compiled and
+      replayed as CUDA graphs, bf16 autocast, channels_last; on the CPU eager fp32; --compile/--bf16 override)
+  (b) the same net and sampler with every speed option off: fp32, eager, math attention, contiguous layout
   (c) diffusers' UNet2DModel of a comparable size with its DPMSolverMultistepScheduler (dpmsolver++, order 2)
+"agreement" compares the images of (a) and (b), drawn from the same noise: speed must not change them.
 
-    .venv/bin/python bench/sample_throughput.py [--width 8] [--batch 64] [--steps 20] [--bf16]
+    .venv/bin/python bench/sample_throughput.py [--width 8] [--batch 32] [--steps 20] [--compile] [--bf16]
 """
 
 import argparse
@@ -24,26 +26,26 @@ def main():
     p.add_argument("--batch", type=int, default=1000 if gpu else 32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3 if gpu else 2)
-    p.add_argument("--bf16", action="store_true", default=gpu)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=gpu)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     dev = device()
     torch.manual_seed(0)
-    module = make_module(args.width, gpu=gpu, compile_=False).to(dev).eval()
-    module.setup("sample")  # channels_last on a GPU
+    module = make_module(args.width, gpu=gpu, compile_=args.compile, bf16=args.bf16).to(dev).eval()
     labels = torch.arange(args.batch, device=dev) % K
     sampler = dict(name="dpm_solver", steps=args.steps, spacing="quadratic")
 
     def ours():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            module.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+        return module.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
 
-    plain = make_module(args.width, gpu=False, compile_=False).to(dev).eval()
+    plain = make_module(args.width, gpu=False).to(dev).eval()
+    plain.load_state_dict(module.state_dict())
 
     def all_off():
         with sdpa_kernel(SDPBackend.MATH):
-            plain.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+            return plain.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
 
     from diffusers import DPMSolverMultistepScheduler
 
@@ -72,8 +74,11 @@ def main():
             seconds = timed(fn, warmup=1, repeats=args.repeats)
         rows.append(record(name, args.batch / seconds, f, peak))
     a, b, c = (r["images_per_s"] for r in rows)
-    report("sample_throughput", rows, out=args.out, width=args.width, batch=args.batch, steps=args.steps, guided=True, bf16=args.bf16,
-           ratios={"default_over_all_off": round(a / b, 3), "default_over_diffusers": round(a / c, 3)})
+    diff = (ours().int() - all_off().int()).abs()  # uint8 levels; an untrained net's images are noise-like, the hardest case
+    report("sample_throughput", rows, out=args.out, width=args.width, batch=args.batch, steps=args.steps, guided=True,
+           compile=args.compile, bf16=args.bf16, ratios={"default_over_all_off": round(a / b, 3), "default_over_diffusers": round(a / c, 3)},
+           agreement={"mean_abs_uint8": round(diff.float().mean().item(), 4), "max_abs_uint8": diff.max().item(),
+                      "share_equal": round((diff == 0).float().mean().item(), 4)})
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ from ddpm_lightning.module import DiffusionModule
 K = 5  # classes
 
 
-def make_module(width, gpu, compile_=None):
+def make_module(width, gpu, compile_=None, bf16=None):
+    """The improved model at ``width`` with the speed options of a GPU (gpu=True) or all off; compile_/bf16 override."""
     return DiffusionModule(net=dict(width=width, emb_dim=4 * width, heads=4 if width >= 16 else 2), schedule=dict(kind="linear", T=500),
                            class_names=[str(k) for k in range(K)], conditional=True, p_uncond=0.1, guidance_w=1.0,
-                           sampler=dict(name="ddim", steps=10), compile=gpu if compile_ is None else compile_, channels_last=gpu)
+                           sampler=dict(name="ddim", steps=10), compile=gpu if compile_ is None else compile_, channels_last=gpu,
+                           bf16_sampling=gpu if bf16 is None else bf16)
 
 
 def fake_data(n):
@@ -86,7 +88,7 @@ def plain_loop(width, batch, steps, warmup, gpu, images, labels):
         g = torch.Generator(dev).manual_seed(step_seed(0, i, 0))
         x = random_hflip(to_unit_range(images[idx]), generator=g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = module.loss(x, labels[idx], generator=g, net=module.train_net)
+            loss = module.loss(x, labels[idx], generator=g, net=module.forward_train)
         opt.found_inf = (~torch.isfinite(loss.detach())).float()
         loss.backward()
         opt.step()

@@ -42,7 +42,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def run(cfg: DictConfig) -> None:
     m = cfg.metrics
-    module = load_checkpoint(cfg.ckpt, cfg.device)
+    module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
         raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")

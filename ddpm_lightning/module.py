@@ -27,12 +27,15 @@ class DiffusionModule(L.LightningModule):
 
     With ``conditional`` the net also takes a class label (classifier-free guidance, the "improved"
     model): labels are dropped to the null class with probability ``p_uncond`` during training.
-    Every argument is a plain value, so a checkpoint alone rebuilds the module.
+    Every argument is a plain value, so a checkpoint alone rebuilds the module. Speed options: ``compile``
+    (torch.compile of the U-Net for training, and for sampling with static shapes: CUDA graphs on a GPU),
+    ``channels_last`` (NHWC convolutions) and ``bf16_sampling`` (bf16 autocast of the sampling calls).
     """
 
     def __init__(self, net: dict, schedule: dict, class_names: list[str], conditional: bool, p_uncond: float,
                  guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32, seed: int = 0,
-                 max_nonfinite: int = 10, nonfinite_check_every: int = 10, compile: bool = False, channels_last: bool = False):
+                 max_nonfinite: int = 10, nonfinite_check_every: int = 10, compile: bool = False, channels_last: bool = False,
+                 bf16_sampling: bool = False):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
@@ -44,24 +47,39 @@ class DiffusionModule(L.LightningModule):
         self.schedule: Schedule = build_schedule(**schedule)
         self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        object.__setattr__(self, "train_net", self.net)  # the compiled U-Net when compile=True; not a submodule
+        self.net.to(memory_format=self.memory_format)
+        self.compiled: dict = {}  # "train" / "sample": the compiled U-Net (not a submodule), or the U-Net after a failure
 
     def setup(self, stage: str) -> None:
-        """Speed options for training, applied after Lightning's EMA callback has copied the module."""
-        self.net.to(memory_format=self.memory_format)
+        """torch.compile for training, after Lightning's EMA callback has copied the module."""
         if stage == "fit" and self.hparams.compile:
-            object.__setattr__(self, "train_net", torch.compile(self.net))
+            self.compiled["train"] = torch.compile(self.net)
+
+    def call_net(self, use: str, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta through the compiled U-Net of ``use`` ("train" or "sample") when there is one; if torch.compile
+        fails, one warning and eager from then on."""
+        net = self.compiled.get(use, self.net)
+        try:
+            return net(x_t, t, y)
+        except Exception as e:
+            if net is self.net:
+                raise
+            log.warning(f"torch.compile of the U-Net failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running it eagerly")
+            self.compiled[use] = self.net
+            return self.net(x_t, t, y)
 
     def forward_train(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """eps_theta in training; if torch.compile fails, one warning and eager from then on."""
-        try:
-            return self.train_net(x_t, t, y)
-        except Exception as e:
-            if self.train_net is self.net:
-                raise
-            log.warning(f"torch.compile of the U-Net failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training eagerly")
-            object.__setattr__(self, "train_net", self.net)
-            return self.net(x_t, t, y)
+        return self.call_net("train", x_t, t, y)
+
+    def forward_sample(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta as the samplers call it: every call has the same shapes, so with compile=True the U-Net is
+        compiled once (fullgraph, static shapes) and on a GPU captured as CUDA graphs (mode reduce-overhead) that
+        each step replays; the output is used before the next call reuses its memory. fp32 out, also under bf16."""
+        if self.hparams.compile and "sample" not in self.compiled:
+            mode = "reduce-overhead" if x_t.device.type == "cuda" else None
+            self.compiled["sample"] = torch.compile(self.net, mode=mode, fullgraph=True, dynamic=False)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.hparams.bf16_sampling):
+            return self.call_net("sample", x_t, t, y).float()
 
     @property
     def sched(self) -> Schedule:
@@ -137,7 +155,7 @@ class DiffusionModule(L.LightningModule):
             size = min(batch_size, n - start)
             y = labels[start : start + size] if hp.conditional else None
             x_T = torch.randn((size, 3, hp.image_size, hp.image_size), device=self.device, generator=generator)
-            eps_fn = guided(self.net, y, w, self.net.null_class)
+            eps_fn = guided(self.forward_sample, y, w, self.net.null_class)
             out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, callback=callback, **settings)))
         return torch.cat(out)
 
@@ -146,12 +164,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def load_checkpoint(path: str, device: str = "auto") -> DiffusionModule:
-    """A trained module from a train.py checkpoint (its state_dict holds the EMA weights), in eval mode."""
+def load_checkpoint(path: str, device: str = "auto", **speed) -> DiffusionModule:
+    """A trained module from a train.py checkpoint (its state_dict holds the EMA weights), in eval mode; ``speed``
+    (compile, channels_last, bf16_sampling) replaces the checkpoint's, which are those of the training machine."""
     if not path or not Path(path).is_file():
         raise ConfigError(f"checkpoint {path!r} does not exist; pass ckpt=PATH to a .ckpt file written by train.py")
     try:
-        module = DiffusionModule.load_from_checkpoint(path, map_location=pick_device(device), weights_only=True)
+        module = DiffusionModule.load_from_checkpoint(path, map_location=pick_device(device), weights_only=True, **speed)
     except ConfigError:
         raise
     except Exception as e:

@@ -54,7 +54,7 @@ def strip(frames: list[torch.Tensor], count: int) -> torch.Tensor:
 
 
 def run(cfg: DictConfig) -> None:
-    module = load_checkpoint(cfg.ckpt, cfg.device)
+    module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
     labels = class_labels(module, cfg.classes, cfg.n)
     out = writable_dir(cfg.out or HydraConfig.get().runtime.output_dir)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)

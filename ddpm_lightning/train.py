@@ -33,7 +33,7 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
         net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
         p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
         seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"], compile=c["model"]["compile"],
-        channels_last=c["model"]["channels_last"],
+        channels_last=c["model"]["channels_last"], bf16_sampling=c["model"]["bf16_sampling"],
     )
 
 

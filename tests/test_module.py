@@ -144,3 +144,28 @@ def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path):
     # step 1: the EMA's count and the bar's first loss; 5, 10: the non-finite check; 7: a refresh of the bar
     assert step_reads == {1: 2, 5: 1, 7: 1, 10: 1}, step_reads
     assert isinstance(bar.loss, float)
+
+
+def test_sampling_is_one_graph_with_static_shapes(monkeypatch):
+    """With compile=True every step of every sampler calls one whole-net graph with the same shapes: no graph
+    break (fullgraph), no recompilation from step to step (what CUDA graphs need to capture it on a GPU), and the
+    samples of the eager net. Dynamo's capture is real; its "eager" backend stands in for inductor's code
+    generation, which takes minutes on this CPU (the slow test in test_speed.py runs it)."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_eagerly(net, mode=None, fullgraph=False, dynamic=None):
+        compiled.append(mode)
+        return real_compile(net, backend="eager", fullgraph=fullgraph, dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m, eager = module(compile=True).eval(), module().eval()
+    eager.load_state_dict(m.state_dict())
+    labels = torch.tensor([0, 1, 1, 0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for sampler in [SAMPLER, dict(name="ddim", steps=5, spacing="quadratic"), dict(name="dpm_solver", steps=5, spacing="quadratic")]:
+            a = m.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator().manual_seed(0))
+            b = eager.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(a, b), sampler
+    assert compiled == [None] and m.compiled["sample"] is not m.net  # compiled once, no eager fallback; on a GPU in mode reduce-overhead

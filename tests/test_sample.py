@@ -81,3 +81,18 @@ def test_sample_py_bad_input(python, smoke_run, tmp_path, args, message):
     run_dir, _ = smoke_run
     p = sample(python, f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "n=2", f"out={tmp_path / 'o'}", *args)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == message
+
+
+def test_a_checkpoint_samples_with_the_speed_settings_of_this_machine(smoke_run):
+    """evaluate.py and sample.py pass conf/speed/: they replace the settings the checkpoint was trained with."""
+    from ddpm_lightning.module import load_checkpoint
+
+    path = str(smoke_run[0] / "checkpoints" / "last.ckpt")
+    plain = load_checkpoint(path, "cpu", compile=False, channels_last=False, bf16_sampling=False)
+    fast = load_checkpoint(path, "cpu", compile=False, channels_last=True, bf16_sampling=True)
+    assert not plain.hparams.bf16_sampling and fast.hparams.bf16_sampling
+    assert fast.net.outc.weight.is_contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1])
+    a, b = (m.sample(labels=labels, generator=torch.Generator().manual_seed(0)) for m in (plain, fast))
+    assert a.shape == b.shape and not torch.equal(a, b)  # bf16 autocast did run
+    assert (a.float() - b.float()).abs().mean() < 2  # and the same images but for rounding (0.34 levels of 255 measured)
