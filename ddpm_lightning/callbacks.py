@@ -164,9 +164,9 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
-        loss = trainer.callback_metrics.get("train/loss_step")
-        if trainer.training and loss is not None and (self.loss is None or trainer.global_step % self.refresh_rate == 0):
-            self.loss = loss.item()
+        if trainer.training and (self.loss is None or trainer.global_step % self.refresh_rate == 0):
+            loss = trainer.callback_metrics.get("train/loss_step")  # gathered only when it is read
+            self.loss = self.loss if loss is None else loss.item()
         if self.loss is not None:
             items["loss"] = f"{self.loss:.4g}"
         return items
