@@ -22,7 +22,7 @@ from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
-FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "fid", "is_mean", "is_std", "seconds", "ckpt"]
+FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "is_mean", "is_std", "seconds", "ckpt"]
 
 
 def write_json(path: Path, value) -> None:
@@ -40,6 +40,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def job_key(cfg: DictConfig) -> dict:
+    """What an evaluation's result depends on: the checkpoint file (path, size, time) and the settings."""
+    stat = Path(cfg.ckpt).stat()
+    return {"ckpt": str(cfg.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns, "real": cfg.real,
+            "w": cfg.guidance.w, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None,
+            "metrics": {k: v for k, v in OmegaConf.to_container(cfg.metrics, resolve=True).items() if k not in ("cache_dir", "batch_size")}}
+
+
 def run(cfg: DictConfig) -> None:
     m = cfg.metrics
     module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
@@ -47,6 +55,10 @@ def run(cfg: DictConfig) -> None:
     if not hp.conditional and cfg.guidance.w not in (None, 0):
         raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
     run_dir = writable_dir(HydraConfig.get().runtime.output_dir)
+    key, done = job_key(cfg), run_dir / "results.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
+        return
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
@@ -70,8 +82,9 @@ def run(cfg: DictConfig) -> None:
         num_samples = m.num_samples
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
                    steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
-                   num_samples=num_samples, **scores, is_unavailable=metrics.is_unavailable(detector, num_samples),
-                   seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt))
+                   num_samples=num_samples, seed=None if cfg.real else m.seed, **scores,
+                   is_unavailable=metrics.is_unavailable(detector, num_samples), seconds=round(time.perf_counter() - start, 2),
+                   ckpt=str(cfg.ckpt), key=key)
     write_json(run_dir / "results.json", results)
     write_csv(run_dir / "results.csv", [results])
     log.info(f"FID {scores['fid']:.3f}" + (f", IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}" if scores["is_mean"] else

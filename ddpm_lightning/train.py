@@ -1,8 +1,10 @@
 """run(cfg): build the data, the module, the loggers and callbacks from the Hydra config, and fit."""
 
+import json
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import EMA, FIDCallback, Preempted, Preemption, ProgressBar, SampleGrid, last_checkpoint
+from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preempted, Preemption, ProgressBar, SampleGrid, last_checkpoint
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
@@ -86,6 +88,9 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
     every = cfg.callbacks.fid.every_n_epochs
     if not every:
         return []
+    if cfg.trainer.get("fast_dev_run"):
+        log.info("trainer.fast_dev_run: no FID evaluation (it needs the reference statistics and num_samples images)")
+        return []
     if every % cfg.trainer.check_val_every_n_epoch:
         raise ConfigError(f"callbacks.fid.every_n_epochs={every} must be a multiple of trainer.check_val_every_n_epoch="
                           f"{cfg.trainer.check_val_every_n_epoch} (FID runs at validation, with the EMA weights)")
@@ -116,9 +121,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def finished(run_dir: Path, max_epochs: int) -> bool:
+    """Whether the run dir holds a run that trained to ``max_epochs`` (its done.json, written at the end of fit)."""
+    done = run_dir / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("max_epochs") == max_epochs
+
+
 def run(cfg: DictConfig) -> None:
     logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and file its messages
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.trainer.get("fast_dev_run") and finished(run_dir, cfg.trainer.max_epochs):
+        log.info(f"{run_dir} already holds a run trained to trainer.max_epochs={cfg.trainer.max_epochs} (done.json); "
+                 "nothing to do (raise trainer.max_epochs to train on, or use another run dir)")
+        return
+    start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
     data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
     data.setup("fit")  # bad data fails here, before anything is built
@@ -132,11 +148,17 @@ def run(cfg: DictConfig) -> None:
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
         ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+        ETA(),
     ]
     trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
     trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
+            tmp = run_dir / "done.json.tmp"
+            tmp.write_text(json.dumps({"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
+                                       "seconds_this_process": round(time.perf_counter() - start, 1)}))
+            tmp.replace(run_dir / "done.json")
     except Preempted as e:
         log.warning(str(e))
     finally:

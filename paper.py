@@ -1,0 +1,18 @@
+"""python paper.py [train.py overrides] : the paper's experiment end to end (make paper ARGS="...")."""
+
+import logging
+import sys
+
+from ddpm_lightning.cli import exit_on_config_error
+
+
+@exit_on_config_error
+def main() -> None:
+    from ddpm_lightning.paper import run
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
