@@ -37,7 +37,7 @@ def main():
     def evaluate(n):
         sync()
         start = time.perf_counter()
-        scores, _ = evaluate_module(module, detector, reference, n, 2.0, 0, args.batch, sampler)
+        scores, _, _ = evaluate_module(module, detector, reference, n, 2.0, 0, args.batch, sampler)
         sync()
         return time.perf_counter() - start, scores
 

@@ -29,6 +29,14 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_tensor(value: torch.Tensor, path: Path) -> None:
+    """torch.save through a temporary file, so no half-written file remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+
+
 def sample_grid(module, n_per_class: int, n: int, seed: int, sampler: dict | None = None) -> tuple[torch.Tensor, str]:
     """A grid of samples with fixed noise: one row per class for the conditional model, else n images."""
     g = torch.Generator(module.device).manual_seed(seed)
@@ -89,8 +97,10 @@ class FIDCallback(L.Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         for w in self.guidance_ws:
-            scores, preview = evaluate_module(pl_module, self.detector, self.reference, self.num_samples, w, self.seed, self.batch_size)
+            scores, preview, pool = evaluate_module(pl_module, self.detector, self.reference, self.num_samples, w, self.seed, self.batch_size)
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
+            if trainer.is_global_zero:  # the features, for metrics computed later (KID, intervals)
+                save_tensor(pool, Path(trainer.default_root_dir) / "features" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.pt")
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
             for name, value in scores.items():
                 if value is not None:
@@ -104,8 +114,9 @@ class FIDCallback(L.Callback):
 
 
 def evaluate_module(module, detector, reference: dict, num_samples: int, w: float | None, seed: int, batch_size: int,
-                    sampler: dict | None = None, progress=None) -> tuple[dict, torch.Tensor]:
-    """FID and IS of ``num_samples`` images from the module (split over ranks when distributed)."""
+                    sampler: dict | None = None, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """FID and IS of ``num_samples`` images from the module (split over ranks when distributed); also the first
+    images (a preview) and the pool3 features of all of them."""
     labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
 
     def generate(start, size, generator):
@@ -114,7 +125,7 @@ def evaluate_module(module, detector, reference: dict, num_samples: int, w: floa
 
     pool, logits, preview = generated_features(generate, detector, num_samples, seed, batch_size, progress)
     is_mean, is_std = (None, None) if is_unavailable(detector, num_samples) else inception_score(logits)
-    return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview
+    return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview, pool
 
 
 class EMAModel(AveragedModel):

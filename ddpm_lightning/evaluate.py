@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import evaluate_module
+from ddpm_lightning.callbacks import evaluate_module, save_tensor
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
@@ -74,10 +74,12 @@ def run(cfg: DictConfig) -> None:
         if not metrics.is_unavailable(detector, len(real)):
             scores["is_mean"], scores["is_std"] = metrics.inception_score(logits)
         sampler, num_samples = {"name": "real test images"}, len(real)
+        if reference.get("features") is not None:  # the real features KID and intervals compare against
+            save_tensor(reference["features"], run_dir / "reference_features.pt")
     else:
         with Progress() as bar:
             task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}", total=m.num_samples)
-            scores, _ = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
+            scores, _, pool = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
                                         progress=lambda done, chunks: bar.update(task, completed=min(done / chunks, 1) * m.num_samples))
         num_samples = m.num_samples
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
@@ -85,6 +87,7 @@ def run(cfg: DictConfig) -> None:
                    num_samples=num_samples, seed=None if cfg.real else m.seed, **scores,
                    is_unavailable=metrics.is_unavailable(detector, num_samples), seconds=round(time.perf_counter() - start, 2),
                    ckpt=str(cfg.ckpt), key=key)
+    save_tensor(pool, run_dir / "features.pt")  # for metrics computed later (KID, intervals)
     write_json(run_dir / "results.json", results)
     write_csv(run_dir / "results.csv", [results])
     log.info(f"FID {scores['fid']:.3f}" + (f", IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}" if scores["is_mean"] else

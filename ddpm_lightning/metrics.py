@@ -149,21 +149,24 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 def reference_statistics(detector: Inception, images: torch.Tensor, key: dict, cache_dir: str | Path,
                          batch_size: int = 250) -> dict:
-    """FID statistics of real images, cached under a hash of ``key`` (classes, split, number of images,
-    detector) plus the images' own digest, so a later run or evaluation loads them instead of recomputing."""
+    """FID statistics of real images (and their pool3 features, for metrics that need them), cached under a hash of
+    ``key`` (classes, split, number of images, detector) plus the images' own digest, so a later run or evaluation
+    loads them instead of recomputing."""
     key = {**key, "num_images": len(images), "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest()}
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"fid_stats_{name}.pt"
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}
+        return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy(), "features": cached.get("features")}
     log.info(f"computing reference Inception statistics of {len(images)} images ({key['classes']}, {key['split']}) -> {path}")
-    stats = statistics(extract(detector, images, batch_size)[0])
+    features = extract(detector, images, batch_size)[0]
+    stats = statistics(features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "key": json.dumps(key)}, tmp)
+    torch.save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features,
+                "key": json.dumps(key)}, tmp)
     os.replace(tmp, path)
-    return stats
+    return {**stats, "features": features}
 
 
 def detector_and_reference(num_samples: int, weights: str | None, classes: list[str], images: torch.Tensor, split: str,

@@ -73,7 +73,7 @@ def test_weights_without_classifier_give_fid_and_no_is(tmp_path):
     m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=10), class_names=["cat"],
                         conditional=False, p_uncond=0.0, guidance_w=0.0, sampler=dict(name="ddim", steps=2))
     reference = metrics.statistics(metrics.extract(detector, natural_images(10))[0])
-    scores, preview = evaluate_module(m, detector, reference, num_samples=4, w=0.0, seed=0, batch_size=4)
+    scores, preview, _ = evaluate_module(m, detector, reference, num_samples=4, w=0.0, seed=0, batch_size=4)
     assert scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0
     assert preview.shape == (4, 3, 32, 32)
 
