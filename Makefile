@@ -1,9 +1,10 @@
-# make train: the paper's Model 2 (improved, five classes); make test: the default test suite.
+# make train: the paper's Model 2 (improved, five classes); make paper: the paper's whole experiment and report;
+# make test: the default test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install train test test-slow
+.PHONY: install train paper test test-slow
 
 install: $(VENV)/.installed
 
@@ -14,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 train: install
 	$(PY) train.py model=improved data=five_class $(ARGS)
+
+paper: install
+	$(PY) paper.py $(ARGS)
 
 test: install
 	$(PY) -m pytest $(ARGS)
