@@ -208,28 +208,31 @@ class ProgressBar(RichProgressBar):
 
 class ETA(L.Callback):
     """Says at start-up how long the training steps will take, at the speed of steps ``first``..``first + count``
-    (the first ones include compilation and warm-up); on a CPU, a run of over an hour names the CPU-sized presets."""
+    (the first ones include compilation and warm-up; only the steps are timed, not validation between them); on a
+    CPU, a run of over an hour names the CPU-sized presets."""
 
     def __init__(self, first: int = 2, count: int = 5):
-        self.first, self.count, self.t0 = first, count, None
+        self.first, self.count, self.started, self.seconds, self.timed = first, count, None, 0.0, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if trainer.fast_dev_run or not trainer.is_global_zero or step > self.first + self.count:
+        if trainer.fast_dev_run or not trainer.is_global_zero or self.timed >= self.count or trainer.global_step <= self.first:
             return
-        if step == self.first:
-            self.t0 = time.perf_counter()
-        elif step == self.first + self.count and self.t0 is not None:
-            per_step = (time.perf_counter() - self.t0) / self.count
-            left = max(trainer.estimated_stepping_batches - step, 0) * per_step
-            msg = (f"speed: {per_step:.3g} s per training step; the {trainer.estimated_stepping_batches - step} steps left take "
-                   f"about {duration(left)} (validation, sample grids and FID come on top)")
-            if pl_module.device.type == "cpu" and left > 3600:
-                msg += ("; this is a GPU recipe: on a CPU try experiment=smoke (about a minute) or experiment=paper_cpu "
+        self.seconds += time.perf_counter() - self.started
+        self.timed += 1
+        if self.timed < self.count:
+            return
+        per_step = self.seconds / self.count
+        left_steps = max(trainer.estimated_stepping_batches - trainer.global_step, 0)
+        msg = (f"speed: {per_step:.3g} s per training step; the {left_steps} steps left take about {duration(left_steps * per_step)} "
+               "(validation, sample grids and FID come on top)")
+        if pl_module.device.type == "cpu" and left_steps * per_step > 3600:
+            log.warning(msg + "; this is a GPU recipe: on a CPU try experiment=smoke (about a minute) or experiment=paper_cpu "
                         "(the paper's whole experiment in about an hour: make paper ARGS=experiment=paper_cpu)")
-                log.warning(msg)
-            else:
-                log.info(msg)
+        else:
+            log.info(msg)
 
 
 def duration(seconds: float) -> str:

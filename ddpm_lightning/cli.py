@@ -8,6 +8,7 @@ from pathlib import Path
 from ddpm_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+SAMPLING_TIME = ("guidance.w", "sampler")  # and sampler.*: settings that change sampling, not the trained model
 
 
 def exit_on_config_error(fn):
@@ -52,15 +53,21 @@ def preflight(config_name: str, argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        overrides = []
+        overrides, swept = [], []
         for o in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
             value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
             overrides.append(o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={value}")
+            swept += [o.get_key_element()] if o.is_sweep_override() else []
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
             out = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
     except Exception as e:  # Hydra's composition and parse errors
         raise ConfigError(f"{one_line(e)} (python {Path(sys.argv[0]).name} --help lists the groups and options)") from None
+    sampling_time = [k for k in swept if k in SAMPLING_TIME or k.startswith("sampler.")]
+    if config_name == "config" and multirun and sampling_time:
+        print(f"warning: this sweep trains one model per value of {', '.join(sampling_time)}, which only changes how samples are "
+              "drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model with "
+              "evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
         writable_dir(out)  # the default dirs are made by Hydra itself
 

@@ -73,13 +73,13 @@ def run(cfg: DictConfig) -> None:
         scores = {"fid": metrics.fid(pool, reference), "is_mean": None, "is_std": None}
         if not metrics.is_unavailable(detector, len(real)):
             scores["is_mean"], scores["is_std"] = metrics.inception_score(logits)
-        sampler, num_samples = {"name": "real test images"}, len(real)
+        sampler, num_samples, preview = {"name": "real test images"}, len(real), None
         if reference.get("features") is not None:  # the real features KID and intervals compare against
             save_tensor(reference["features"], run_dir / "reference_features.pt")
     else:
         with Progress() as bar:
             task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}", total=m.num_samples)
-            scores, _, pool = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
+            scores, preview, pool = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
                                         progress=lambda done, chunks: bar.update(task, completed=min(done / chunks, 1) * m.num_samples))
         num_samples = m.num_samples
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
@@ -92,21 +92,35 @@ def run(cfg: DictConfig) -> None:
     write_csv(run_dir / "results.csv", [results])
     log.info(f"FID {scores['fid']:.3f}" + (f", IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}" if scores["is_mean"] else
                                          f"; {results['is_unavailable']}") + f" -> {run_dir / 'results.json'}")
-    log_to_wandb(cfg, run_dir, results)
+    log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
 
 
-def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict) -> None:
+def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None) -> None:
+    """One W&B run per evaluation, job_type eval, with guidance_w and the trained run's name (train_run) in its config,
+    so that sweeps plot against w; the scores in its summary; the first samples as a table of image, class and w."""
     if cfg.logger.wandb is None:
         return
     import wandb
 
+    from ddpm_lightning.metrics import even_labels
+
     os.environ.setdefault("WANDB_SILENT", "true")
     w = cfg.logger.wandb
     hc = HydraConfig.get()
-    group = w.group or (Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None)
-    run = wandb.init(project=w.project, entity=w.entity, group=group, name=w.name or run_dir.name, dir=str(run_dir),
-                     mode="online" if w.online else "offline", config=OmegaConf.to_container(cfg, resolve=True), job_type="evaluate")
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = w.group or (Path(hc.sweep.dir).name if multirun else None)
+    train_run = Path(cfg.ckpt).resolve().parents[1].name
+    config = {**OmegaConf.to_container(cfg, resolve=True), "guidance_w": results["w"], "train_run": train_run}
+    name = w.name or (f"{Path(hc.sweep.dir).name}/{run_dir.name}" if multirun else run_dir.name)
+    run = wandb.init(project=w.project, entity=w.entity, group=group, name=name, dir=str(run_dir),
+                     mode="online" if w.online else "offline", config=config, job_type="eval")
     run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
+    if images is not None:
+        labels = even_labels(len(images), len(class_names)).tolist() if class_names else [None] * len(images)
+        table = wandb.Table(columns=["image", "class", "w"])
+        for image, label in zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels):
+            table.add_data(wandb.Image(image), class_names[label] if class_names else "unconditional", results["w"])
+        run.log({"samples": table})
     run.finish()
 
 

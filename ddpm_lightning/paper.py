@@ -58,8 +58,9 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
     cfg = compose_train_config(train_args)
     p, out = cfg.paper, Path(cfg.paper.dir)
     py = sys.executable
+    group = [] if cfg.logger.wandb is None or cfg.logger.wandb.group else [f"logger.wandb.group={out.name}"]  # one W&B group
     names = [(model, data) for model in p.models for data in p.data]
-    stages = [("train", [py, str(ROOT / "train.py"), "-m", f"model={','.join(p.models)}", f"data={','.join(p.data)}", *train_args,
+    stages = [("train", [py, str(ROOT / "train.py"), "-m", f"model={','.join(p.models)}", f"data={','.join(p.data)}", *train_args, *group,
                          *launcher, f"hydra.sweep.dir={out / 'train'}",
                          "hydra.sweep.subdir=${hydra:runtime.choices.model}_${hydra:runtime.choices.data}"])]
     metrics = OmegaConf.to_container(cfg.metrics, resolve=True) | {"seed": p.eval_seed}
@@ -102,16 +103,14 @@ def run(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started, rev = time.time(), commit()
     for name, command in stages:
-        if name.startswith("samples") and samples_done(command):
-            log.info(f"paper: {name}: done already")
-            continue
-        log.info(f"paper: {name}: {' '.join(command[1:])}")
+        skip = name.startswith("samples") and samples_done(command)
+        log.info(f"paper: {name}: " + ("done already" if skip else " ".join(command[1:])))
         t0 = time.perf_counter()
-        p = subprocess.run(command, cwd=ROOT)
+        returncode = 0 if skip else subprocess.run(command, cwd=ROOT).returncode
         seconds = round(time.perf_counter() - t0, 1)
         with open(out / "paper_log.jsonl", "a") as f:
-            f.write(json.dumps({"stage": name, "seconds": seconds, "returncode": p.returncode, "commit": rev, "started": started,
-                                "command": " ".join(command[1:]), "args": argv}) + "\n")
-        if p.returncode:
-            raise ConfigError(f"stage '{name}' failed (exit {p.returncode}); fix what it printed and rerun: finished work is kept")
+            f.write(json.dumps({"stage": name, "seconds": seconds, "returncode": returncode, "skipped": skip, "commit": rev,
+                                "started": started, "command": " ".join(command[1:]), "args": argv}) + "\n")
+        if returncode:
+            raise ConfigError(f"stage '{name}' failed (exit {returncode}); fix what it printed and rerun: finished work is kept")
     log.info(f"paper: done in {time.time() - started:.0f} s; the report is in {out / 'report'}")

@@ -114,11 +114,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger.wandb is not None:
         w = cfg.logger.wandb
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(
-            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir),
+        wandb_logger = WandbLogger(
+            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir), job_type="train",
             offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_run_id(run_dir), resume="allow",
-        ))
+        )
+        define_wandb_metrics(wandb_logger.experiment)
+        loggers.append(wandb_logger)
     return loggers
+
+
+def define_wandb_metrics(run) -> None:
+    """Every val/* metric plots against the epoch; the summary keeps the best (min) FID as well as the last."""
+    run.define_metric("epoch")
+    run.define_metric("val/*", step_metric="epoch")
+    run.define_metric("val/fid*", step_metric="epoch", summary="min,last")
 
 
 def finished(run_dir: Path, max_epochs: int) -> bool:

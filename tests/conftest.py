@@ -85,3 +85,48 @@ def natural_images(n: int, seed: int = 0):
     low = torch.rand(n, 3, 4, 4, generator=g)
     x = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
     return (x * 255).round().to(torch.uint8)
+
+
+def wandb_records(path: Path):
+    """The records of an offline W&B run file (run-*.wandb: a 7-byte header, then LevelDB log blocks of 32 KiB,
+    each record a checksum, a length, a type (1 full, 2 first, 3 middle, 4 last) and a protobuf chunk)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, parts = Path(path).read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def wandb_run(run_dir: Path) -> dict:
+    """What an offline W&B run under run_dir recorded: job type, group, name, config, define_metric calls, logged keys."""
+    import json
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    out = {"config": {}, "metrics": [], "logged": set()}
+    for r in wandb_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(job_type=r.run.job_type, group=r.run.run_group, name=r.run.display_name)
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "metric":
+            m = r.metric
+            out["metrics"].append({"name": m.name or m.glob_name, "step_metric": m.step_metric,
+                                   "min": m.summary.min, "last": m.summary.last})
+        elif kind == "history":
+            out["logged"] |= {i.key or "/".join(i.nested_key) for i in r.history.item}
+    return out

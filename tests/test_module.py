@@ -7,7 +7,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm_lightning.callbacks import EMA, EMAModel, ProgressBar, SampleGrid
+from ddpm_lightning.callbacks import EMA, EMAModel, ProgressBar, SampleGrid, ema_decay, ema_multi_avg_fn
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DiffusionModule
@@ -96,6 +96,28 @@ def test_ema_model_equals_torchs_averaged_model():
             ours.load_state_dict(torchs.state_dict())
         assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), torchs.state_dict().values()))
     assert int(ours.n_averaged) == 4
+
+
+def test_ema_warmup_follows_tensorflows_num_updates_decay():
+    """decay_t = min(decay, (1 + n) / (10 + n)) after n updates; the first update copies; without warm-up, fixed."""
+    n = torch.arange(0, 200_000)
+    d = ema_decay(n, 0.9999, warmup=True)
+    assert torch.equal(d, torch.clamp((1 + n) / (10 + n), max=0.9999))
+    assert d[1].item() == pytest.approx(2 / 11) and d[89_990].item() < 0.9999 and d[89_991].item() == pytest.approx(0.9999)
+    assert ema_decay(n, 0.9999, warmup=False) == 0.9999
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = EMAModel(net, multi_avg_fn=ema_multi_avg_fn(0.9999, warmup=True))
+    expected = None
+    for k in range(1, 40):  # the k-th update sees n = k - 1 earlier ones
+        with torch.no_grad():
+            net.weight.fill_(float(k))
+        ema.update_parameters(net)
+        decay = min(0.9999, k / (9 + k))
+        expected = float(k) if expected is None else decay * expected + (1 - decay) * k
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    # the weight left on the initial parameters after 3,900 steps: 68% without warm-up, nothing with it
+    assert 0.9999 ** 3900 == pytest.approx(0.677, abs=1e-3)
+    assert torch.prod(ema_decay(torch.arange(1, 3900, dtype=torch.float64), 0.9999, True)).item() < 1e-20
 
 
 class HostReads(TorchDispatchMode):

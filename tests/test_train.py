@@ -1,13 +1,16 @@
 """train.py end to end, as a subprocess, on a generated dataset that is easy to learn."""
 
 import csv
+import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, make_cifar
 
 
 def train(python, *overrides, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -45,6 +48,7 @@ def test_multirun_gives_each_job_its_own_run_dir_and_wandb_run(python, cifar_roo
     p = train(python, "-m", *smoke_args(cifar_root, tmp_path / "unused", "model=improved", "trainer.max_epochs=2",
                                          f"hydra.sweep.dir={sweep}", "guidance.w=0,2"))
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "warning: this sweep trains one model per value of guidance.w" in p.stderr and "evaluate.py -m" in p.stderr
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and (d / "checkpoints").is_dir())
     assert len(jobs) == 2 and "guidance.w=0," in jobs[0].name and "guidance.w=2," in jobs[1].name
     run_ids = {r.name for d in jobs for r in (d / "wandb").glob("offline-run-*")}
@@ -85,3 +89,42 @@ def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
              .replace("DATA_ROOT = '../../shared/data/cifar10-five-class-jpeg'", f"DATA_ROOT = {str(cifar_root)!r}")
              .replace("from IPython.display import display\n", ""), {**env, "display": shown.append})
     assert len(shown) == 2 and shown[0].size == (2 * (2 + 8 * 34), 2 * (2 + 2 * 34))
+
+
+def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
+    """The paper's Model 2 (full U-Net) with trainer.fast_dev_run: one step, one validation batch, a one-image-per-class
+    two-step grid (not 40 images of 500 steps), no FID, no done.json."""
+    root = make_cifar(tmp_path / "cifar", n_train=15, n_test=2)
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    p = train(python, "model=improved", "data=five_class", f"data.root={root}", "trainer.fast_dev_run=true", "logger=csv",
+              f"hydra.run.dir={run_dir}")
+    seconds = time.perf_counter() - start
+    assert p.returncode == 0, p.stderr[-3000:]
+    grid = Image.open(run_dir / "samples" / "epoch_0000.png")
+    assert grid.size == (34 + 2, 5 * 34 + 2)  # five rows (classes) of one 32-pixel image, 2-pixel padding
+    assert not (run_dir / "done.json").exists()
+    print(f"fast_dev_run of model=improved data=five_class: {seconds:.1f} s")
+
+
+def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python, cifar_root, tmp_path):
+    p = train(python, *smoke_args(cifar_root, tmp_path / "run", "trainer.max_epochs=100000", "+trainer.max_time=00:00:00:30",
+                                  "trainer.check_val_every_n_epoch=1000", "logger=csv"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next(line for line in (p.stdout + p.stderr).splitlines() if "s per training step" in line)
+    assert "steps left take about" in line and "experiment=smoke" in line and "experiment=paper_cpu" in line, line
+    assert not (tmp_path / "run" / "done.json").exists()  # stopped by max_time, not finished
+
+
+def test_a_finished_run_dir_is_not_trained_again(python, cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = smoke_args(cifar_root, run_dir, "trainer.max_epochs=1", "logger=csv")
+    assert train(python, *args).returncode == 0
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    before = ckpt.stat().st_mtime_ns
+    p = train(python, *args)
+    assert p.returncode == 0 and "nothing to do" in p.stdout + p.stderr
+    assert ckpt.stat().st_mtime_ns == before
+    p = train(python, *smoke_args(cifar_root, run_dir, "trainer.max_epochs=2", "logger=csv"))  # more epochs: trains on
+    assert p.returncode == 0 and ckpt.stat().st_mtime_ns != before
+    assert epoch_losses(run_dir / "csv" / "metrics.csv")[-1] > 0 and json.loads((run_dir / "done.json").read_text())["max_epochs"] == 2

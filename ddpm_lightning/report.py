@@ -1,0 +1,288 @@
+"""The paper's figures and table from a runs dir of ``make paper`` (its CSV logs and results.json files; offline).
+
+``load(runs)`` reads everything into plain Python; each ``fig_*`` draws one of the paper's figures from that;
+``write(runs, out)`` writes them all, the table (results.md) and its numbers (results.json). The notebook
+notebooks/paper_figures.ipynb calls the same functions.
+"""
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+FLOOR = "real test images"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def number(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def load_train(run: Path) -> dict:
+    """One training run: its settings, FID/IS per evaluation, the loss per step and per epoch."""
+    config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"))
+    rows = read_csv(run / "csv" / "metrics.csv")
+    evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "fid": number(r["val/fid"]),
+              "is_mean": number(r.get("val/is_mean")), "is_std": number(r.get("val/is_std"))} for r in rows if number(r.get("val/fid")) is not None]
+    epochs = [{"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
+              for r in rows if number(r.get("train/loss_epoch")) is not None]
+    steps_per_epoch = (epochs[-1]["step"] + 1) / (epochs[-1]["epoch"] + 1) if epochs else None
+    steps = [{"step": int(r["step"]), "loss": number(r["train/loss_step"])} for r in rows if number(r.get("train/loss_step")) is not None]
+    done = run / "done.json"
+    return {"name": run.name, "model": "improved" if config["model"]["conditional"] else "simple", "classes": config["data"]["classes"],
+            "guidance_w": config["guidance"]["w"], "evals": evals, "epoch_loss": epochs, "step_loss": steps,
+            "steps_per_epoch": steps_per_epoch, "done": json.loads(done.read_text()) if done.is_file() else None,
+            "net": config["net"], "sampler": config["sampler"], "num_samples": config["metrics"]["num_samples"]}
+
+
+def load(runs: str | Path) -> dict:
+    """Everything the figures need from a runs dir: train/<name>, eval/<name>/<job>/results.json, eval/floor_<data>,
+    samples/<name>, paper_log.jsonl."""
+    runs = Path(runs)
+    train = {d.name: load_train(d) for d in sorted((runs / "train").iterdir()) if (d / "csv" / "metrics.csv").is_file()}
+    evals: dict[str, list[dict]] = {}
+    for path in sorted(runs.glob("eval/*/*/results.json")):
+        evals.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    floors = {name[len("floor_"):]: rows[0] for name, rows in evals.items() if name.startswith("floor_")}
+    sweeps = {name: sorted(rows, key=lambda r: r["w"]) for name, rows in evals.items() if not name.startswith("floor_")}
+    samples = {d.name: d for d in sorted(runs.glob("samples/*")) if (d / "grid.png").is_file()}
+    log_path = runs / "paper_log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    if not train:
+        raise FileNotFoundError(f"no training runs under {runs / 'train'}; run make paper first (or point runs= at its paper.dir)")
+    return {"runs": str(runs), "train": train, "sweeps": sweeps, "floors": floors, "samples": samples, "log": log}
+
+
+def data_name(run: dict) -> str:
+    return "cars" if run["classes"] == ["automobile"] else "five_class" if len(run["classes"]) == 5 else "+".join(run["classes"])
+
+
+def floor_of(results: dict, run: dict) -> dict | None:
+    return results["floors"].get(data_name(run))
+
+
+def noise(results: dict) -> dict:
+    """The evaluation's own noise: each final model scored twice, by the training's last FID (metrics.seed) and by
+    the evaluation at the trained w with another seed (paper.eval_seed): sd = sqrt(mean(d^2) / 2) over the pairs."""
+    pairs = {}
+    for name, run in results["train"].items():
+        if not run["evals"]:
+            continue
+        last = run["evals"][-1]["fid"]
+        w = run["guidance_w"] if run["model"] == "improved" else 0.0
+        again = [r for r in results["sweeps"].get(name, []) if (r["w"] or 0.0) == (w[0] if isinstance(w, list) else w)]
+        if again:
+            pairs[name] = {"training": last, "again": again[0]["fid"], "seed": again[0]["seed"], "d": again[0]["fid"] - last}
+    sd = math.sqrt(sum(p["d"] ** 2 for p in pairs.values()) / (2 * len(pairs))) if pairs else None
+    return {"pairs": pairs, "sd": sd}
+
+
+def summary(results: dict) -> dict:
+    """The table's numbers: first and last FID per model, its change against the noise, the best w, the floors."""
+    sd = noise(results)["sd"]
+    rows = []
+    for name, run in results["train"].items():
+        ev = run["evals"]
+        floor = floor_of(results, run)
+        sweep = results["sweeps"].get(name, [])
+        best = min(sweep, key=lambda r: r["fid"]) if run["model"] == "improved" and sweep else None
+        rows.append({
+            "name": name, "model": run["model"], "data": data_name(run),
+            "first_fid": ev[0]["fid"] if ev else None, "first_epochs": ev[0]["epochs"] if ev else None,
+            "last_fid": ev[-1]["fid"] if ev else None, "last_epochs": ev[-1]["epochs"] if ev else None,
+            "last_is": ev[-1]["is_mean"] if ev else None,
+            "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
+            "final_loss": run["epoch_loss"][-1]["loss"] if run["epoch_loss"] else None,
+            "floor_fid": floor["fid"] if floor else None,
+            "best_w": best["w"] if best else None, "best_w_fid": best["fid"] if best else None,
+        })
+    return {"rows": rows, "noise": noise(results)}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _floor_lines(ax, results: dict, datas: list[str], key: str = "fid") -> None:
+    for i, data in enumerate(datas):
+        floor = results["floors"].get(data)
+        if floor and floor.get(key) is not None:
+            ax.axhline(floor[key], color="0.4", ls=(":", "--", "-.")[i % 3], lw=1, label=f"real test images, {data} (floor at N={floor['num_samples']})")
+
+
+def fig_metric_over_epochs(results: dict, key: str = "fid"):
+    """Fig. 9 (FID) and Fig. 10 (IS) over epochs, the four models."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    label = {"fid": "FID", "is_mean": "Inception Score"}[key]
+    drawn = False
+    for name, run in results["train"].items():
+        points = [(e["epochs"], e[key]) for e in run["evals"] if e[key] is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label=name)
+            drawn = True
+    if key == "fid":
+        _floor_lines(ax, results, sorted({data_name(r) for r in results["train"].values()}))
+    if not drawn:
+        ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
+                wrap=True, fontsize=8, transform=ax.transAxes)
+    ax.set(xlabel="epochs trained", ylabel=label, title=f"{label} over epochs (N = {first_run(results)['num_samples']})")
+    if drawn:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def unavailable_reason(results: dict) -> str:
+    reasons = {r.get("is_unavailable") for rows in results["sweeps"].values() for r in rows if r.get("is_unavailable")}
+    text = next(iter(reasons), "no values logged")
+    return text.split(";")[0].split(": ", 1)[-1][:90]
+
+
+def first_run(results: dict) -> dict:
+    return next(iter(results["train"].values()))
+
+
+def fig_metric_vs_w(results: dict, key: str = "fid"):
+    """Fig. 11 (FID) and Fig. 12 (IS) against the guidance weight w, for each improved model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    label = {"fid": "FID", "is_mean": "Inception Score"}[key]
+    drawn, datas = False, []
+    for name, rows in results["sweeps"].items():
+        run = results["train"].get(name)
+        if not run or run["model"] != "improved":
+            continue
+        points = [(r["w"], r[key]) for r in rows if r[key] is not None]
+        datas.append(data_name(run))
+        if points:
+            ax.plot(*zip(*points), "o-", label=name)
+            drawn = True
+    if key == "fid":
+        _floor_lines(ax, results, datas)
+    if not drawn:
+        ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
+                fontsize=8, transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7)
+    ax.set(xlabel="guidance weight w (eq. 10)", ylabel=label, title=f"{label} for different guidance levels")
+    fig.tight_layout()
+    return fig
+
+
+def fig_loss(results: dict, from_epoch: float = 0):
+    """Fig. 13 (from epoch 0) and Fig. 14 (from ``from_epoch``): the training loss per step (a moving average over
+    about a tenth of an epoch) and its epoch means, the four models."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, run) in enumerate(results["train"].items()):
+        spe = run["steps_per_epoch"] or 1
+        x = [s["step"] / spe for s in run["step_loss"]]
+        y = moving_average([s["loss"] for s in run["step_loss"]], max(1, round(len(x) / max(x[-1] if x else 1, 1) / 10)))
+        keep = [k for k, v in enumerate(x) if v >= from_epoch]
+        ax.plot([x[k] for k in keep], [y[k] for k in keep], color=f"C{i}", lw=0.8, alpha=0.6)
+        means = [(e["epoch"] + 0.5, e["loss"]) for e in run["epoch_loss"] if e["epoch"] + 1 > from_epoch]
+        if means:
+            ax.plot(*zip(*means), "o", color=f"C{i}", label=f"{name} (epoch means)")
+    ax.set(xlabel="epoch", ylabel="loss ||eps - eps_theta||^2", title="Loss over training" + (f" (epoch {from_epoch:g} onwards)" if from_epoch else ""))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def moving_average(values: list[float], k: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - k] if i >= k else 0.0)
+        out.append(total / min(i + 1, k))
+    return out
+
+
+def table(results: dict) -> str:
+    """The markdown table: the final FID/IS per model, its change over training against the evaluation's noise,
+    the real-data floor, the best w per improved model, and each sweep."""
+    s = summary(results)
+    sd = s["noise"]["sd"]
+    fmt = lambda v, p=1: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = ["| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in s["rows"]:
+        best = "" if r["best_w"] is None else f"{r['best_w']:g} ({r['best_w_fid']:.1f})"
+        lines.append(f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}) | {fmt(r['last_fid'])} ({r['last_epochs']}) | "
+                     f"{fmt(r['drop_in_sd'])} | {fmt(r['last_is'], 2) or 'unavailable'} | {fmt(r['floor_fid'])} | "
+                     f"{best} | {fmt(r['final_loss'], 4)} |")
+    lines += ["", "Evaluation noise: each final model scored twice with fresh noise and labels (the training's last FID, "
+              "and evaluate.py with paper.eval_seed at the trained w):", "",
+              "| model | FID (training seed) | FID (eval seed) | difference |", "| --- | --- | --- | --- |"]
+    for name, p in s["noise"]["pairs"].items():
+        lines.append(f"| {name} | {p['training']:.1f} | {p['again']:.1f} | {p['d']:+.1f} |")
+    if sd is not None:
+        lines += ["", f"Noise sd of one FID at this N: sqrt(mean(d^2) / 2) = {sd:.2f} over {len(s['noise']['pairs'])} pairs."]
+    for name, rows in results["sweeps"].items():
+        run = results["train"].get(name)
+        if not run or run["model"] != "improved":
+            continue
+        lines += ["", f"Guidance sweep, {name} (N = {rows[0]['num_samples']}, {rows[0]['sampler']} {rows[0]['steps']} steps, seed {rows[0]['seed']}):", "",
+                  "| w | " + " | ".join(f"{r['w']:g}" for r in rows) + " |", "| --- " * (len(rows) + 1) + "|",
+                  "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in rows) + " |",
+                  "| IS | " + " | ".join(fmt(r["is_mean"], 2) or "n/a" for r in rows) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def run_info(results: dict) -> str:
+    """The command, the commit and the wall time, from paper_log.jsonl."""
+    log = results["log"]
+    if not log:
+        return ""
+    total = sum(e["seconds"] for e in log)
+    commits = sorted({e["commit"] for e in log})
+    args = " ".join(log[0]["args"])
+    lines = ["", f"Command: `make paper ARGS=\"{args}\"` (python paper.py {args})", f"Commit: {', '.join(commits)}",
+             f"Wall time: {total / 60:.1f} min in all stages ({len({e['started'] for e in log})} invocation(s)):", ""]
+    lines += [f"- {e['stage']}: {e['seconds'] / 60:.1f} min" for e in log]
+    return "\n".join(lines) + "\n"
+
+
+def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list[Path]:
+    """All the figures, results.md and results.json into ``out``; returns the files written."""
+    results = load(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    figures = {"fig09_fid_over_epochs.png": fig_metric_over_epochs(results, "fid"),
+               "fig10_is_over_epochs.png": fig_metric_over_epochs(results, "is_mean"),
+               "fig11_fid_vs_w.png": fig_metric_vs_w(results, "fid"),
+               "fig12_is_vs_w.png": fig_metric_vs_w(results, "is_mean"),
+               "fig13_loss.png": fig_loss(results, 0),
+               f"fig14_loss_from_epoch_{loss_from_epoch:g}.png": fig_loss(results, loss_from_epoch)}
+    written = []
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    for name, folder in results["samples"].items():
+        for src, dst in (("grid.png", f"samples_{name}.png"), ("reverse_diffusion.png", f"fig07_reverse_{name}.png")):
+            if (folder / src).is_file():
+                shutil.copyfile(folder / src, out / dst)
+                written.append(out / dst)
+    forward = next((f / "forward_diffusion.png" for f in results["samples"].values() if (f / "forward_diffusion.png").is_file()), None)
+    if forward:
+        shutil.copyfile(forward, out / "fig01_forward_diffusion.png")
+        written.append(out / "fig01_forward_diffusion.png")
+    (out / "results.md").write_text(table(results) + run_info(results))
+    (out / "results.json").write_text(json.dumps({"summary": summary(results), "sweeps": results["sweeps"], "floors": results["floors"],
+                                                  "log": results["log"]}, indent=1, default=str))
+    return written + [out / "results.md", out / "results.json"]

@@ -1,0 +1,120 @@
+"""make paper end to end at smoke size (generated data, a random detector), its rerun, the report, the notebook and
+the W&B dashboard spec against what the runs really logged."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, make_cifar, wandb_run
+
+
+def paper(python, root, detector, cache, out, *extra):
+    args = ["experiment=paper_smoke", f"data.root={root}", f"metrics.inception_weights={detector}", f"metrics.cache_dir={cache}",
+            f"paper.dir={out}", "paper.data=[cars]", "paper.guidance_ws=[0,2]", "metrics.num_samples=10", *extra]
+    return subprocess.run([python, str(ROOT / "paper.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, python, detector_file):
+    """The pipeline, run twice: the first run's dir and the second run's output."""
+    tmp = tmp_path_factory.mktemp("paper")
+    root = make_cifar(tmp / "cifar")
+    first = paper(python, root, detector_file, tmp / "cache", tmp / "runs")
+    assert first.returncode == 0, first.stderr[-3000:]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("*") if p.suffix in (".ckpt", ".json", ".pt")}
+    second = paper(python, root, detector_file, tmp / "cache", tmp / "runs")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return tmp / "runs", stamps, second
+
+
+def test_all_three_stages_write_their_results(paper_run):
+    runs, _, _ = paper_run
+    for name in ("simple_cars", "improved_cars"):
+        assert json.loads((runs / "train" / name / "done.json").read_text())["max_epochs"] == 2
+        assert (runs / "samples" / name / "grid.png").is_file() and (runs / "samples" / name / "reverse_diffusion.png").is_file()
+    ws = sorted(json.loads(p.read_text())["w"] for p in (runs / "eval" / "improved_cars").glob("*/results.json"))
+    assert ws == [0.0, 2.0]
+    replica = json.loads((runs / "eval" / "simple_cars" / "replica" / "results.json").read_text())
+    assert replica["seed"] == 1 and replica["model"] == "simple"  # the final model scored again with paper.eval_seed
+    floor = json.loads((runs / "eval" / "floor_cars" / "real" / "results.json").read_text())
+    assert floor["sampler"] == "real test images" and floor["num_samples"] == 10
+    report = runs / "report"
+    expected = ["fig01_forward_diffusion.png", "fig07_reverse_improved_cars.png", "fig09_fid_over_epochs.png", "fig10_is_over_epochs.png",
+                "fig11_fid_vs_w.png", "fig12_is_vs_w.png", "fig13_loss.png", "fig14_loss_from_epoch_1.png", "samples_improved_cars.png",
+                "samples_simple_cars.png", "results.md", "results.json"]
+    assert all((report / f).is_file() for f in expected), sorted(p.name for p in report.iterdir())
+    table = (report / "results.md").read_text()
+    assert "| improved | cars |" in table and "| simple | cars |" in table and "Guidance sweep, improved_cars" in table
+    summary = json.loads((report / "results.json").read_text())["summary"]
+    improved = next(r for r in summary["rows"] if r["name"] == "improved_cars")
+    assert improved["first_epochs"] == 1 and improved["last_epochs"] == 2 and improved["best_w"] in (0.0, 2.0)
+    assert set(summary["noise"]["pairs"]) == {"simple_cars", "improved_cars"} and summary["noise"]["sd"] > 0
+
+
+def test_a_second_run_repeats_no_work(paper_run):
+    runs, stamps, second = paper_run
+    changed = [str(p) for p, t in stamps.items() if p.stat().st_mtime_ns != t and "report" not in p.parts]
+    assert not changed, changed  # no checkpoint, evaluation or feature file was written again
+    log = [json.loads(line) for line in (runs / "paper_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * 7 and all(e["returncode"] == 0 for e in log)  # 7 stages, each run twice
+    assert [e["stage"] for e in log[7:] if e["skipped"]] == ["samples simple_cars", "samples improved_cars"]
+    assert sum(e["seconds"] for e in log[7:] if e["stage"] == "train") < sum(e["seconds"] for e in log[:7] if e["stage"] == "train")
+    for name in ("simple_cars", "improved_cars"):
+        assert "nothing to do" in (runs / "train" / name / "train.log").read_text()
+
+
+def test_model_and_data_are_chosen_through_paper_keys(python, tmp_path):
+    p = subprocess.run([python, str(ROOT / "paper.py"), "model=improved", f"paper.dir={tmp_path / 'x'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "paper.models=" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_notebook_draws_the_same_figures(paper_run):
+    import nbclient
+    import nbformat
+
+    runs, _, _ = paper_run
+    nb = nbformat.read(ROOT / "notebooks" / "paper_figures.ipynb", as_version=4)
+    os.environ["PAPER_RUNS"] = str(runs)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["PAPER_RUNS"]
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 6 + 2  # Fig. 9-14 and at least the two sample grids
+
+
+def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
+    from ddpm_lightning.dashboard import paper_report, paper_workspace, spec
+
+    runs, _, _ = paper_run
+    train = wandb_run(runs / "train" / "improved_cars")
+    assert train["job_type"] == "train" and train["group"] == "runs"
+    assert {"name": "val/*", "step_metric": "epoch", "min": False, "last": False} in train["metrics"]
+    assert {"name": "val/fid*", "step_metric": "epoch", "min": True, "last": True} in train["metrics"]  # best and last FID
+    sweep = wandb_run(runs / "eval" / "improved_cars" / "w2")
+    assert sweep["job_type"] == "eval" and sweep["config"]["guidance_w"] == 2.0 and sweep["config"]["train_run"] == "improved_cars"
+    assert "samples" in {k.split("/")[0] for k in sweep["logged"]}  # the wandb.Table of image, class and w
+
+    report = json.dumps(spec(paper_report("me", "ddpm-lightning", "runs")))
+    workspace = json.dumps(spec(paper_workspace("me", "ddpm-lightning", "runs")))
+    for text in (report, workspace):
+        for metric in ("val/fid", "val/is_mean", "train/loss_epoch"):
+            assert f'"metrics": ["{metric}"]' in text and metric in train["logged"], metric
+        assert '"xAxis": "epoch"' in text and "guidance_w" in text and '"fid"' in text
+    assert '"name": "jobType"}, "op": "=", "value": "train"' in report and '"name": "group"}, "op": "=", "value": "runs"' in report
+    assert '"name": "jobType"}, "op": "=", "value": "eval"' in report and "train_run" in report  # sweeps grouped per model
+    results = json.loads((runs / "eval" / "improved_cars" / "w2" / "results.json").read_text())
+    assert {"fid", "is_mean", "w"} <= set(results)
+
+
+def test_publishing_without_a_login_fails_in_one_line(python, paper_run, tmp_path):
+    runs, _, _ = paper_run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path), "WANDB_MODE": "offline"}
+    p = subprocess.run([python, str(ROOT / "report.py"), f"runs={runs}", f"out={tmp_path / 'r'}", "publish=true"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "wandb login" in p.stderr, p.stderr
+    assert not (tmp_path / "r" / "results.md").exists()
