@@ -88,7 +88,7 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
     every = cfg.callbacks.fid.every_n_epochs
     if not every:
         return []
-    if cfg.trainer.get("fast_dev_run"):
+    if cfg.trainer.fast_dev_run:
         log.info("trainer.fast_dev_run: no FID evaluation (it needs the reference statistics and num_samples images)")
         return []
     if every % cfg.trainer.check_val_every_n_epoch:
@@ -139,7 +139,7 @@ def finished(run_dir: Path, max_epochs: int) -> bool:
 def run(cfg: DictConfig) -> None:
     logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and file its messages
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not cfg.trainer.get("fast_dev_run") and finished(run_dir, cfg.trainer.max_epochs):
+    if not cfg.trainer.fast_dev_run and finished(run_dir, cfg.trainer.max_epochs):
         log.info(f"{run_dir} already holds a run trained to trainer.max_epochs={cfg.trainer.max_epochs} (done.json); "
                  "nothing to do (raise trainer.max_epochs to train on, or use another run dir)")
         return
