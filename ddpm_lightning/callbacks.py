@@ -168,8 +168,13 @@ def ema_multi_avg_fn(decay: float, warmup: bool = True):
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         d = ema_decay(num_averaged, decay, warmup)
-        weight = (1 - d).to(averaged[0].device, averaged[0].dtype) if torch.is_tensor(d) else 1 - d
-        torch._foreach_lerp_(averaged, current, weight)
+        if not torch.is_tensor(d):
+            torch._foreach_lerp_(averaged, current, 1 - d)  # as torch's get_ema_multi_avg_fn
+            return
+        # a device tensor as a foreach *scalar* would be read back to the host: theta_ema += (1 - d) (theta - theta_ema)
+        step = torch._foreach_sub(current, averaged)
+        torch._foreach_mul_(step, (1 - d).to(averaged[0].device, averaged[0].dtype))
+        torch._foreach_add_(averaged, step)
 
     return update
 

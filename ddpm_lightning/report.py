@@ -107,9 +107,7 @@ def summary(results: dict) -> dict:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """pyplot with the backend matplotlib picks: Agg without a display, inline in a notebook (which draws the figures)."""
     import matplotlib.pyplot as plt
 
     return plt

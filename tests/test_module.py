@@ -72,7 +72,7 @@ def test_sampling_callbacks_see_the_ema_weights(cifar_root, tmp_path):
     probe = RecordWeights()
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         use_distributed_sampler=False, limit_val_batches=1, default_root_dir=tmp_path,
-                        callbacks=[probe, SampleGrid(n_per_class=1), EMA(1.0)])
+                        callbacks=[probe, SampleGrid(n_per_class=1), EMA(1.0, warmup=False)])
     trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
     first = probe.first_step
     assert all(torch.equal(probe.seen[k], first[k]) for k in first)

@@ -12,7 +12,7 @@ from conftest import ROOT, make_cifar, wandb_run
 
 def paper(python, root, detector, cache, out, *extra):
     args = ["experiment=paper_smoke", f"data.root={root}", f"metrics.inception_weights={detector}", f"metrics.cache_dir={cache}",
-            f"paper.dir={out}", "paper.data=[cars]", "paper.guidance_ws=[0,2]", "metrics.num_samples=10", *extra]
+            f"paper.dir={out}", "paper.models=[improved]", "paper.data=[cars]", "paper.guidance_ws=[0,1]", "metrics.num_samples=10", *extra]
     return subprocess.run([python, str(ROOT / "paper.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -31,26 +31,24 @@ def paper_run(tmp_path_factory, python, detector_file):
 
 def test_all_three_stages_write_their_results(paper_run):
     runs, _, _ = paper_run
-    for name in ("simple_cars", "improved_cars"):
-        assert json.loads((runs / "train" / name / "done.json").read_text())["max_epochs"] == 2
-        assert (runs / "samples" / name / "grid.png").is_file() and (runs / "samples" / name / "reverse_diffusion.png").is_file()
-    ws = sorted(json.loads(p.read_text())["w"] for p in (runs / "eval" / "improved_cars").glob("*/results.json"))
-    assert ws == [0.0, 2.0]
-    replica = json.loads((runs / "eval" / "simple_cars" / "replica" / "results.json").read_text())
-    assert replica["seed"] == 1 and replica["model"] == "simple"  # the final model scored again with paper.eval_seed
+    assert json.loads((runs / "train" / "improved_cars" / "done.json").read_text())["max_epochs"] == 2
+    assert (runs / "samples" / "improved_cars" / "grid.png").is_file() and (runs / "samples" / "improved_cars" / "reverse_diffusion.png").is_file()
+    sweep = [json.loads(p.read_text()) for p in sorted((runs / "eval" / "improved_cars").glob("*/results.json"))]
+    assert [r["w"] for r in sweep] == [0.0, 1.0] and {r["seed"] for r in sweep} == {1}  # scored with paper.eval_seed
     floor = json.loads((runs / "eval" / "floor_cars" / "real" / "results.json").read_text())
     assert floor["sampler"] == "real test images" and floor["num_samples"] == 10
     report = runs / "report"
     expected = ["fig01_forward_diffusion.png", "fig07_reverse_improved_cars.png", "fig09_fid_over_epochs.png", "fig10_is_over_epochs.png",
                 "fig11_fid_vs_w.png", "fig12_is_vs_w.png", "fig13_loss.png", "fig14_loss_from_epoch_1.png", "samples_improved_cars.png",
-                "samples_simple_cars.png", "results.md", "results.json"]
+                "results.md", "results.json"]
     assert all((report / f).is_file() for f in expected), sorted(p.name for p in report.iterdir())
     table = (report / "results.md").read_text()
-    assert "| improved | cars |" in table and "| simple | cars |" in table and "Guidance sweep, improved_cars" in table
+    assert "| improved | cars |" in table and "Guidance sweep, improved_cars" in table and "Wall time" in table
     summary = json.loads((report / "results.json").read_text())["summary"]
     improved = next(r for r in summary["rows"] if r["name"] == "improved_cars")
-    assert improved["first_epochs"] == 1 and improved["last_epochs"] == 2 and improved["best_w"] in (0.0, 2.0)
-    assert set(summary["noise"]["pairs"]) == {"simple_cars", "improved_cars"} and summary["noise"]["sd"] > 0
+    assert improved["first_epochs"] == 1 and improved["last_epochs"] == 2 and improved["best_w"] in (0.0, 1.0)
+    pair = summary["noise"]["pairs"]["improved_cars"]  # the final model at its trained w (1), scored with two seeds
+    assert pair["training"] == improved["last_fid"] and pair["again"] == sweep[1]["fid"] and summary["noise"]["sd"] > 0
 
 
 def test_a_second_run_repeats_no_work(paper_run):
@@ -58,11 +56,10 @@ def test_a_second_run_repeats_no_work(paper_run):
     changed = [str(p) for p, t in stamps.items() if p.stat().st_mtime_ns != t and "report" not in p.parts]
     assert not changed, changed  # no checkpoint, evaluation or feature file was written again
     log = [json.loads(line) for line in (runs / "paper_log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 * 7 and all(e["returncode"] == 0 for e in log)  # 7 stages, each run twice
-    assert [e["stage"] for e in log[7:] if e["skipped"]] == ["samples simple_cars", "samples improved_cars"]
-    assert sum(e["seconds"] for e in log[7:] if e["stage"] == "train") < sum(e["seconds"] for e in log[:7] if e["stage"] == "train")
-    for name in ("simple_cars", "improved_cars"):
-        assert "nothing to do" in (runs / "train" / name / "train.log").read_text()
+    assert [e["stage"] for e in log] == 2 * ["train", "eval improved_cars", "floor cars", "samples improved_cars", "report"]
+    assert all(e["returncode"] == 0 for e in log) and [e["skipped"] for e in log].count(True) == 1  # the second samples stage
+    assert log[5]["seconds"] < log[0]["seconds"]
+    assert "nothing to do" in (runs / "train" / "improved_cars" / "train.log").read_text()
 
 
 def test_model_and_data_are_chosen_through_paper_keys(python, tmp_path):
@@ -84,7 +81,7 @@ def test_notebook_draws_the_same_figures(paper_run):
     finally:
         del os.environ["PAPER_RUNS"]
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 6 + 2  # Fig. 9-14 and at least the two sample grids
+    assert len(images) >= 6 + 3  # Fig. 9-14, the sample grid and the two strips
 
 
 def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
@@ -95,8 +92,8 @@ def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
     assert train["job_type"] == "train" and train["group"] == "runs"
     assert {"name": "val/*", "step_metric": "epoch", "min": False, "last": False} in train["metrics"]
     assert {"name": "val/fid*", "step_metric": "epoch", "min": True, "last": True} in train["metrics"]  # best and last FID
-    sweep = wandb_run(runs / "eval" / "improved_cars" / "w2")
-    assert sweep["job_type"] == "eval" and sweep["config"]["guidance_w"] == 2.0 and sweep["config"]["train_run"] == "improved_cars"
+    sweep = wandb_run(runs / "eval" / "improved_cars" / "w0")
+    assert sweep["job_type"] == "eval" and sweep["config"]["guidance_w"] == 0.0 and sweep["config"]["train_run"] == "improved_cars"
     assert "samples" in {k.split("/")[0] for k in sweep["logged"]}  # the wandb.Table of image, class and w
 
     report = json.dumps(spec(paper_report("me", "ddpm-lightning", "runs")))
@@ -104,10 +101,11 @@ def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
     for text in (report, workspace):
         for metric in ("val/fid", "val/is_mean", "train/loss_epoch"):
             assert f'"metrics": ["{metric}"]' in text and metric in train["logged"], metric
-        assert '"xAxis": "epoch"' in text and "guidance_w" in text and '"fid"' in text
+        assert '"xAxis": "epoch"' in text  # Fig. 9, 10, 13, 14 against the epoch
+        assert '"xAxis": "config:guidance_w.value", "yAxis": "summary:fid"' in text  # Fig. 11: summary FID against w
     assert '"name": "jobType"}, "op": "=", "value": "train"' in report and '"name": "group"}, "op": "=", "value": "runs"' in report
     assert '"name": "jobType"}, "op": "=", "value": "eval"' in report and "train_run" in report  # sweeps grouped per model
-    results = json.loads((runs / "eval" / "improved_cars" / "w2" / "results.json").read_text())
+    results = json.loads((runs / "eval" / "improved_cars" / "w1" / "results.json").read_text())
     assert {"fid", "is_mean", "w"} <= set(results)
 
 

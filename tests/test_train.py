@@ -108,7 +108,7 @@ def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
 
 
 def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python, cifar_root, tmp_path):
-    p = train(python, *smoke_args(cifar_root, tmp_path / "run", "trainer.max_epochs=100000", "+trainer.max_time=00:00:00:30",
+    p = train(python, *smoke_args(cifar_root, tmp_path / "run", "trainer.max_epochs=100000", "+trainer.max_time=00:00:00:10",
                                   "trainer.check_val_every_n_epoch=1000", "logger=csv"))
     assert p.returncode == 0, p.stderr[-3000:]
     line = next(line for line in (p.stdout + p.stderr).splitlines() if "s per training step" in line)
