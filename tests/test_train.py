@@ -116,6 +116,7 @@ def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python,
     assert not (tmp_path / "run" / "done.json").exists()  # stopped by max_time, not finished
 
 
+@pytest.mark.slow  # the default suite covers the skip through tests/test_paper.py's rerun
 def test_a_finished_run_dir_is_not_trained_again(python, cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     args = smoke_args(cifar_root, run_dir, "trainer.max_epochs=1", "logger=csv")
