@@ -62,10 +62,13 @@ def test_a_second_run_repeats_no_work(paper_run):
     assert "nothing to do" in (runs / "train" / "improved_cars" / "train.log").read_text()
 
 
-def test_model_and_data_are_chosen_through_paper_keys(python, tmp_path):
-    p = subprocess.run([python, str(ROOT / "paper.py"), "model=improved", f"paper.dir={tmp_path / 'x'}"], cwd=ROOT,
+@pytest.mark.parametrize("bad, says", [("model=improved", "paper.models=[simple,improved]"), ("paper.models=[fancy]", "paper.models=['fancy']"),
+                                       ("paper.data=[]", "paper.data=[]"), ("paper.guidance_ws=[a,1]", "paper.guidance_ws="),
+                                       ("paper.samples=0", "paper.samples=0"), ("paper.nope=1", "paper.nope")])
+def test_bad_paper_settings_are_one_line_before_anything_runs(python, tmp_path, bad, says):
+    p = subprocess.run([python, str(ROOT / "paper.py"), bad, f"paper.dir={tmp_path / 'x'}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "paper.models=" in p.stderr, p.stderr
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and says in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
 
 
