@@ -164,7 +164,7 @@ def ema_decay(num_averaged: torch.Tensor, decay: float, warmup: bool) -> torch.T
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool = True):
-    """theta_ema <- d theta_ema + (1 - d) theta for a group of tensors, as one foreach lerp (d: ema_decay)."""
+    """theta_ema <- d theta_ema + (1 - d) theta for a group of tensors, all on the device (d: ema_decay)."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         d = ema_decay(num_averaged, decay, warmup)
@@ -181,7 +181,7 @@ def ema_multi_avg_fn(decay: float, warmup: bool = True):
 
 class EMA(WeightAveraging):
     """Lightning's WeightAveraging with an exponential moving average of the weights, theta_ema <- d theta_ema +
-    (1 - d) theta after every optimizer step (one foreach lerp), and no host read per step (EMAModel). With
+    (1 - d) theta after every optimizer step (foreach ops), and no host read per step (EMAModel). With
     ``warmup`` the decay d rises as min(decay, (1 + n) / (10 + n)), so short runs and early evaluations do not
     sample from weights that are mostly the initial ones (0.9999^3900 = 68% of them after 3,900 steps)."""
 
@@ -241,7 +241,7 @@ class ETA(L.Callback):
 
 
 def duration(seconds: float) -> str:
-    """3725 -> '1 h 2 min'."""
+    """Seconds as '45 s', '62 min', '7.5 h' or '21.0 days'."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     minutes = seconds / 60

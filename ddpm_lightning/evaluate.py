@@ -49,16 +49,18 @@ def job_key(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> None:
+    done = Path(HydraConfig.get().runtime.output_dir) / "results.json"
+    if done.is_file() and Path(cfg.ckpt).is_file():  # a rerun: nothing to load when this evaluation was made already
+        key = job_key(cfg)
+        if json.loads(done.read_text()).get("key") == key:
+            log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
+            return
     m = cfg.metrics
     module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
         raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
     run_dir = writable_dir(HydraConfig.get().runtime.output_dir)
-    key, done = job_key(cfg), run_dir / "results.json"
-    if done.is_file() and json.loads(done.read_text()).get("key") == key:
-        log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
-        return
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
@@ -86,7 +88,7 @@ def run(cfg: DictConfig) -> None:
                    steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
                    num_samples=num_samples, seed=None if cfg.real else m.seed, **scores,
                    is_unavailable=metrics.is_unavailable(detector, num_samples), seconds=round(time.perf_counter() - start, 2),
-                   ckpt=str(cfg.ckpt), key=key)
+                   ckpt=str(cfg.ckpt), key=job_key(cfg))
     save_tensor(pool, run_dir / "features.pt")  # for metrics computed later (KID, intervals)
     write_json(run_dir / "results.json", results)
     write_csv(run_dir / "results.csv", [results])
