@@ -16,7 +16,7 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
-from ddpm_lightning.metrics import even_labels, fid, generated_features, inception_score, is_unavailable
+from ddpm_lightning import metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def save_tensor(value: torch.Tensor, path: Path) -> None:
-    """torch.save through a temporary file, so no half-written file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(value, tmp)
     os.replace(tmp, path)
 
 
@@ -72,14 +64,16 @@ class SampleGrid(L.Callback):
 
 
 class FIDCallback(L.Callback):
-    """Every ``every_n_epochs`` epochs (at a validation, with the EMA weights): ``num_samples`` images with the
-    configured sampler, fixed seeds and evenly drawn classes; logs val/fid, val/is_mean, val/is_std (suffixed
-    _w<w> when several guidance weights are given) and a grid of the first samples."""
+    """Every ``every_n_epochs`` epochs (at a validation, with the EMA weights): metrics.evaluate on ``num_samples``
+    images with the configured sampler, fixed seeds and evenly drawn classes; logs val/fid, val/kid_mean, val/kid_std,
+    val/is_mean, val/is_std, the 95% intervals (val/fid_ci95_low, ...), the real-data floor (val/fid_floor,
+    val/kid_floor) and, with metrics.prc, val/precision and val/recall (suffixed _w<w> when several guidance weights
+    are given); and a grid of the first samples. When to evaluate is decided here; how, in metrics.evaluate."""
 
-    def __init__(self, detector, reference: dict, every_n_epochs: int, num_samples: int, guidance_ws: list[float | None],
-                 seed: int = 0, batch_size: int = 250):
-        self.detector, self.reference, self.every_n_epochs = detector, reference, every_n_epochs
-        self.num_samples, self.guidance_ws, self.seed, self.batch_size = num_samples, guidance_ws, seed, batch_size
+    def __init__(self, detector, reference: dict, floor: dict, every_n_epochs: int, num_samples: int, guidance_ws: list[float | None],
+                 settings: dict, batch_size: int = 250):
+        self.detector, self.reference, self.floor, self.every_n_epochs = detector, reference, floor, every_n_epochs
+        self.num_samples, self.guidance_ws, self.settings, self.batch_size = num_samples, guidance_ws, settings, batch_size
         self.history: list[dict] = []  # every evaluation so far; checkpointed, so a resumed run keeps it
 
     def state_dict(self) -> dict:
@@ -97,35 +91,18 @@ class FIDCallback(L.Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         for w in self.guidance_ws:
-            scores, preview, pool = evaluate_module(pl_module, self.detector, self.reference, self.num_samples, w, self.seed, self.batch_size)
+            scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
+            scores = {**scores, "fid_floor": self.floor["fid"], "kid_floor": self.floor["kid_mean"]}
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
-            if trainer.is_global_zero:  # the features, for metrics computed later (KID, intervals)
-                save_tensor(pool, Path(trainer.default_root_dir) / "features" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.pt")
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
-            for name, value in scores.items():
-                if value is not None:
-                    pl_module.log(f"val/{name}{suffix}", value)
+            for name, value in metrics.loggable(scores).items():  # the same numbers on every rank (the states are synced)
+                pl_module.log(f"val/{name}{suffix}", value)
             if trainer.is_global_zero:
                 grid = make_grid(preview, nrow=8, padding=2)
                 save_png(grid, Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png")
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
                         logger.log_image(f"val/fid_samples{suffix}", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
-
-
-def evaluate_module(module, detector, reference: dict, num_samples: int, w: float | None, seed: int, batch_size: int,
-                    sampler: dict | None = None, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """FID and IS of ``num_samples`` images from the module (split over ranks when distributed); also the first
-    images (a preview) and the pool3 features of all of them."""
-    labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
-
-    def generate(start, size, generator):
-        y = None if labels is None else labels[start : start + size]
-        return module.sample(n=size, labels=y, w=w, sampler=sampler, generator=generator, batch_size=size)
-
-    pool, logits, preview = generated_features(generate, detector, num_samples, seed, batch_size, progress)
-    is_mean, is_std = (None, None) if is_unavailable(detector, num_samples) else inception_score(logits)
-    return {"fid": fid(pool, reference), "is_mean": is_mean, "is_std": is_std}, preview, pool
 
 
 class EMAModel(AveragedModel):

@@ -1,5 +1,6 @@
-"""run(cfg): FID and IS of a checkpoint's samples (or of real test images), to results.json, a CSV row and W&B;
-SweepSummary: the table and plot of FID and IS against the guidance weight at the end of a multirun."""
+"""run(cfg): FID, KID and IS of a checkpoint's samples (or of real test images), with 95% intervals and the real-data
+floor, to results.json, a CSV row and W&B; SweepSummary: the table and plot against the guidance weight at the end of
+a multirun."""
 
 import csv
 import json
@@ -15,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import evaluate_module, save_tensor
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
-FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "is_mean", "is_std", "seconds", "ckpt"]
+FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "fid_ci95", "kid_mean", "kid_std", "kid_ci95",
+          "fid_floor", "kid_floor", "is_mean", "is_std", "precision", "recall", "seconds", "ckpt"]
 
 
 def write_json(path: Path, value) -> None:
@@ -68,33 +69,41 @@ def run(cfg: DictConfig) -> None:
         m.num_samples, m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
         m.reference_split, m.reference_images, m.cache_dir, m.batch_size, module.device)
 
+    settings = {k: m[k] for k in metrics.SETTINGS}
+    test_images = load_subset(folder, hp.class_names, "test")[0]
     start = time.perf_counter()
-    if cfg.real:  # the floor: real held-out images of the subset against the same statistics
-        real = load_subset(folder, hp.class_names, "test")[0][: m.num_samples]
-        pool, logits = metrics.extract(detector, real, m.batch_size)
-        scores = {"fid": metrics.fid(pool, reference), "is_mean": None, "is_std": None}
-        if not metrics.is_unavailable(detector, len(real)):
-            scores["is_mean"], scores["is_std"] = metrics.inception_score(logits)
-        sampler, num_samples, preview = {"name": "real test images"}, len(real), None
-        if reference.get("features") is not None:  # the real features KID and intervals compare against
-            save_tensor(reference["features"], run_dir / "reference_features.pt")
+    floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size)
+    if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
+        scores, sampler, preview = floor, {"name": "real test images"}, None
     else:
         with Progress() as bar:
             task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}", total=m.num_samples)
-            scores, preview, pool = evaluate_module(module, detector, reference, m.num_samples, w, m.seed, m.batch_size, sampler,
-                                        progress=lambda done, chunks: bar.update(task, completed=min(done / chunks, 1) * m.num_samples))
-        num_samples = m.num_samples
+            scores, preview = metrics.evaluate(module, detector, reference, m.num_samples, w, settings, m.batch_size, sampler,
+                                               progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples))
+    num_samples = floor["num_samples"] if cfg.real else m.num_samples
+    scores = {k: v for k, v in scores.items() if k != "num_samples"}
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
                    steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
-                   num_samples=num_samples, seed=None if cfg.real else m.seed, **scores,
-                   is_unavailable=metrics.is_unavailable(detector, num_samples), seconds=round(time.perf_counter() - start, 2),
-                   ckpt=str(cfg.ckpt), key=job_key(cfg))
-    save_tensor(pool, run_dir / "features.pt")  # for metrics computed later (KID, intervals)
+                   num_samples=num_samples, seed=None if cfg.real else m.seed, **scores, fid_floor=floor["fid"],
+                   kid_floor=floor["kid_mean"], seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
     write_json(run_dir / "results.json", results)
     write_csv(run_dir / "results.csv", [results])
-    log.info(f"FID {scores['fid']:.3f}" + (f", IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}" if scores["is_mean"] else
-                                         f"; {results['is_unavailable']}") + f" -> {run_dir / 'results.json'}")
+    log.info(f"{describe(results)} -> {run_dir / 'results.json'}")
     log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
+
+
+def describe(r: dict) -> str:
+    """One line of an evaluation's numbers: FID and KID with their 95% intervals, the floor, IS, precision/recall."""
+    def ci(name, scale=1.0, digits=2):
+        low_high = r.get(f"{name}_ci95")
+        return f" [{low_high[0] * scale:.{digits}f}, {low_high[1] * scale:.{digits}f}]" if low_high else ""
+
+    text = (f"FID {r['fid']:.2f}{ci('fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci('kid', 1e3)} "
+            f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})")
+    text += f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}"
+    if r.get("precision") is not None:
+        text += f", precision {r['precision']:.3f}, recall {r['recall']:.3f}"
+    return text
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None) -> None:
@@ -127,7 +136,8 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, cla
 
 
 class SweepSummary(Callback):
-    """At the end of ``evaluate.py -m``: summary.csv, summary.md and fid_is_vs_w.png (paper Fig. 11-12) in the sweep dir."""
+    """At the end of ``evaluate.py -m``: summary.csv, summary.md and fid_is_vs_w.png (paper Fig. 11-12, with 95%
+    intervals as error bars and the real-data floor as a line) in the sweep dir."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -135,29 +145,61 @@ class SweepSummary(Callback):
         if not rows:
             return
         write_csv(sweep / "summary.csv", rows)
-        lines = ["| w | sampler | steps | samples | FID | IS |", "| --- | --- | --- | --- | --- | --- |"]
-        for r in rows:
-            is_text = f"{r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else "unavailable"
-            lines.append(f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.3f} | {is_text} |")
-        (sweep / "summary.md").write_text("\n".join(lines) + "\n")
+        (sweep / "summary.md").write_text(summary_table(rows))
         plot_against_w(rows, sweep / "fid_is_vs_w.png")
         log.info(f"sweep summary: {sweep / 'summary.md'}, {sweep / 'fid_is_vs_w.png'}")
 
 
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per row w, sampler, N, FID and KID (x1e3) with their 95% intervals, the floor, IS, precision/recall."""
+    def ci(r, name, scale=1.0):
+        low_high = r.get(f"{name}_ci95")
+        return f" [{low_high[0] * scale:.2f}, {low_high[1] * scale:.2f}]" if low_high else ""
+
+    prc = any(r.get("precision") is not None for r in rows)
+    lines = ["| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS |" + (" precision | recall |" if prc else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if prc else "")]
+    for r in rows:
+        is_text = f"{r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else "unavailable"
+        line = (f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.2f}{ci(r, 'fid')} | "
+                f"{r['kid_mean'] * 1e3:.2f}{ci(r, 'kid', 1e3)} | {r['fid_floor']:.2f} / {r['kid_floor'] * 1e3:.2f} | {is_text} |")
+        if prc:
+            line += f" {r['precision']:.3f} | {r['recall']:.3f} |" if r.get("precision") is not None else " | |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def plot_against_w(rows: list[dict], path: Path) -> None:
+    """FID, KID (and IS, precision/recall when there) against w: 95% intervals as error bars, the floor as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ws = [r["w"] for r in rows]
-    has_is = all(r["is_mean"] is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_is else 1, figsize=(9 if has_is else 4.5, 3.5), squeeze=False)
-    axes[0, 0].plot(ws, [r["fid"] for r in rows], "o-")
-    axes[0, 0].set(xlabel="guidance weight w", ylabel="FID", title="FID for different guidance levels")
-    if has_is:
-        axes[0, 1].errorbar(ws, [r["is_mean"] for r in rows], yerr=[r["is_std"] for r in rows], fmt="o-")
-        axes[0, 1].set(xlabel="guidance weight w", ylabel="Inception Score", title="IS for different guidance levels")
+    panels = [("fid", "FID", 1.0), ("kid_mean", "KID x1e3", 1e3)]
+    if all(r["is_mean"] is not None for r in rows):
+        panels.append(("is_mean", "Inception Score", 1.0))
+    if all(r.get("precision") is not None for r in rows):
+        panels.append(("precision", "precision / recall", 1.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        values = [r[key] * scale for r in rows]
+        ci_key = {"fid": "fid_ci95", "kid_mean": "kid_ci95"}.get(key)
+        if ci_key and all(r.get(ci_key) for r in rows):
+            errors = [[v - r[ci_key][0] * scale for v, r in zip(values, rows)], [r[ci_key][1] * scale - v for v, r in zip(values, rows)]]
+            ax.errorbar(ws, values, yerr=errors, fmt="o-", capsize=3, label="95% bootstrap interval")
+        elif key == "is_mean":
+            ax.errorbar(ws, values, yerr=[r["is_std"] for r in rows], fmt="o-", capsize=3, label="± sd over 10 splits")
+        else:
+            ax.plot(ws, values, "o-", label="precision")
+        if key == "precision":
+            ax.plot(ws, [r["recall"] for r in rows], "s--", label="recall")
+        floor_key = {"fid": "fid_floor", "kid_mean": "kid_floor"}.get(key)
+        if floor_key and rows[0].get(floor_key) is not None:
+            ax.axhline(rows[0][floor_key] * scale, color="0.4", ls=":", label=f"real test images (floor, N={rows[0]['num_samples']})")
+        ax.set(xlabel="guidance weight w", ylabel=label, title=f"{label} for different guidance levels")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,9 @@
-"""FID and Inception Score with torch-fidelity's FID Inception network; reference statistics cached on disk.
+"""How a model is evaluated: generation -> torch-fidelity's FID Inception -> FID, IS, KID (and precision/recall) as
+torchmetrics Metrics, with bootstrap intervals and the real-data floor; reference statistics cached on disk.
 
-No Lightning here. The numbers come from torch-fidelity's own functions (fid_features_to_statistics,
-fid_statistics_to_metric, isc_features_to_metric), so they equal torch_fidelity.calculate_metrics on the same
-images; what this module adds is safe weight loading, batching on any device, a cache and the split over ranks.
+No Lightning here: ``evaluate`` is the one path that the FID callback and evaluate.py both call. The numbers equal
+torch_fidelity.calculate_metrics on the same images (its own functions where they fit, and its resize); the metric
+states sync over ranks the torchmetrics way: FID as float64 sums, the rest as gathered feature tensors.
 """
 
 import hashlib
@@ -13,11 +14,17 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ddpm_lightning.errors import ConfigError
 
@@ -40,6 +47,7 @@ class Inception(FeatureExtractorInceptionV3):
             empty = Path(tmp) / "empty.pt"
             torch.save({}, empty)
             super().__init__("inception-v3-compat", FEATURES, feature_extractor_weights_path=str(empty))
+        self.to(memory_format=torch.channels_last)  # the same arithmetic, 1.5x faster on the CPU (bench/eval_paths.py)
         self.source = source
         self.is_unavailable = None if self.has_classifier else (
             f"Inception Score unavailable: the detector weights {source} have no classifier layer (fc.*); "
@@ -110,16 +118,40 @@ def detector_id(weights: str | None) -> str:
     return h.hexdigest()
 
 
+
 @torch.no_grad()
-def extract(detector: Inception, images: torch.Tensor, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images, on the detector's device, to CPU."""
+def extract(detector: Inception, images: torch.Tensor, batch_size: int = 250, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images, to CPU; with ``progress`` (a
+    description) a progress bar with the time left, for long work such as reference statistics."""
     device = next(detector.parameters()).device
     pools, logits = [], []
-    for batch in images.split(batch_size):
-        pool, logit = detector(batch.to(device))
-        pools.append(pool.cpu())
-        logits.append(logit.cpu())
+    with progress_bar(progress, len(images)) as advance:
+        for batch in images.split(batch_size):
+            pool, logit = detector(batch.to(device))
+            pools.append(pool.cpu())
+            logits.append(logit.cpu())
+            advance(len(batch))
     return torch.cat(pools), torch.cat(logits)
+
+
+class progress_bar:
+    """A rich progress bar with elapsed time and ETA for ``total`` items, or nothing when ``description`` is None."""
+
+    def __init__(self, description: str | None, total: int):
+        self.description, self.total, self.bar = description, total, None
+
+    def __enter__(self):
+        if self.description is None:
+            return lambda n: None
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn())
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def statistics(pool: torch.Tensor) -> dict:
@@ -143,30 +175,270 @@ def is_unavailable(detector: Inception, num_images: int, splits: int = 10) -> st
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) (paper eq. 12) over ``splits`` splits: mean and standard deviation."""
-    out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=2020)
     return out["inception_score_mean"], out["inception_score_std"]
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (x.y / d + 1)^3, KID's kernel (Binkowski et al. 2018, torch-fidelity's defaults)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The unbiased MMD^2 estimate between two equal-sized sets of features (torch-fidelity's mmd2, "unbiased")."""
+    m = len(x)
+    k_xx, k_yy, k_xy = (polynomial_kernel(a, b).double() for a, b in ((x, x), (y, y), (x, y)))
+    return (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1)) - 2 * k_xy.sum() / m**2
+
+
+def kid(features: torch.Tensor, reference: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> tuple[float, float]:
+    """Kernel Inception Distance: the mean and standard deviation of the unbiased MMD^2 over ``subsets`` random
+    subsets of ``subset_size`` from each set, drawn as torch-fidelity draws them (kid_features_to_metric)."""
+    rng = np.random.RandomState(seed)
+    mmds = []
+    for _ in range(subsets):
+        x = features[torch.from_numpy(rng.choice(len(features), subset_size, replace=False))]
+        y = reference[torch.from_numpy(rng.choice(len(reference), subset_size, replace=False))]
+        mmds.append(mmd2_unbiased(x, y))
+    mmds = torch.stack(mmds)
+    return mmds.mean().item(), mmds.std(correction=0).item()
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> torch.Tensor:
+    """How often each of n items is drawn in each of ``resamples`` bootstrap resamples of size n: (resamples, n)."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n, (resamples, n), generator=g)
+    return torch.zeros(resamples, n).scatter_add_(1, draws, torch.ones(resamples, n))
+
+
+def fid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: dict) -> torch.Tensor:
+    """FID (eq. 11) of each resample (a row of ``counts``) of the features, without a matrix square root per resample:
+    tr sqrt(S1 S2) is the sum of sqrt of the eigenvalues of a symmetric matrix with the same nonzero spectrum, n x n
+    (D^1/2 Xc S2 Xc^T D^1/2 / (n-1), centred features Xc, D = counts) when n <= d, else d x d (S2^1/2 S1 S2^1/2).
+    Float64 for n <= d; float32 for n > d, where each resample is a d x d problem (the spread is what is wanted)."""
+    n, d = features.shape
+    dtype = torch.float64 if n <= d else torch.float32
+    f, c = features.to(dtype), counts.to(features.device, dtype)
+    mu2 = torch.as_tensor(reference["mu"], device=f.device, dtype=dtype)
+    s2 = torch.as_tensor(reference["sigma"], device=f.device, dtype=dtype)
+    mu = c @ f / n                                                         # (B, d) resampled means
+    tr_s1 = (c @ (f * f).sum(1) - n * (mu * mu).sum(1)) / (n - 1)
+    if n <= d:
+        f_s2 = f @ s2
+        gram = f_s2 @ f.T                                                  # f_i S2 f_j
+        u = mu @ f_s2.T                                                    # (B, n): mu_b S2 f_i
+        v = (mu @ s2 * mu).sum(1)                                          # mu_b S2 mu_b
+    else:
+        evals, evecs = torch.linalg.eigh(s2)
+        s2_half = evecs @ evals.clamp(min=0).sqrt().diag() @ evecs.T
+    traces = []
+    chunk = max(1, 2**26 // n**2) if n <= d else 1
+    for lo in range(0, len(c), chunk):
+        cb, mb = c[lo : lo + chunk], mu[lo : lo + chunk]
+        if n <= d:
+            ub, vb = u[lo : lo + chunk], v[lo : lo + chunk]
+            centred = gram - ub[:, :, None] - ub[:, None, :] + vb[:, None, None]  # (f_i - mu_b) S2 (f_j - mu_b)
+            root = cb.sqrt()
+            matrix = root[:, :, None] * centred * root[:, None, :] / (n - 1)
+        else:
+            s1 = ((f.T * cb[0]) @ f - n * torch.outer(mb[0], mb[0]))[None] / (n - 1)
+            matrix = s2_half @ s1 @ s2_half
+        traces.append(torch.linalg.eigvalsh(matrix).clamp(min=0).sqrt().sum(1))
+    return ((mu - mu2) ** 2).sum(1) + tr_s1 + s2.trace() - 2 * torch.cat(traces)
+
+
+def kid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The parts of the unbiased MMD^2 against the reference that change with each resample of the features:
+    sum over pairs of positions i != j of k(x_i, x_j) / (n (n-1)) - 2 mean_i mean_y k(x_i, y)."""
+    n = len(features)
+    c = counts.to(features.device, torch.float64)
+    pairs = torch.zeros(len(c), dtype=torch.float64, device=features.device)
+    to_reference = torch.zeros(n, dtype=torch.float64, device=features.device)
+    for lo in range(0, n, chunk):
+        k = polynomial_kernel(features[lo : lo + chunk], features).double()
+        pairs += ((c[:, lo : lo + chunk] @ k) * c).sum(1) - c[:, lo : lo + chunk] @ k.diagonal(lo)
+        to_reference[lo : lo + chunk] = sum(polynomial_kernel(features[lo : lo + chunk], y).double().sum(1) for y in reference.split(chunk))
+    return pairs / (n * (n - 1)) - 2 * (c @ to_reference) / (n * len(reference))
+
+
+def interval(resampled: torch.Tensor, value: float) -> list[float]:
+    """The 95% bootstrap interval of ``value``: the 2.5% and 97.5% quantiles of the resampled values, shifted so that
+    their median falls on the full-sample value (resampling with replacement repeats images, which raises FID and
+    KID by a bias of its own; the interval gives the spread at this N, not the distance to N = infinity)."""
+    low, median, high = torch.quantile(resampled.double().cpu(), torch.tensor([0.025, 0.5, 0.975], dtype=torch.float64)).tolist()
+    return [value + low - median, value + high - median]
+
+
+def ordered(values, index) -> torch.Tensor:
+    """A gathered list state in image order (each rank gathers its own chunks; the order is by image index)."""
+    return dim_zero_cat(values)[dim_zero_cat(index).argsort()]
+
+
+class FID(Metric):
+    """FID (paper eq. 11) against the reference statistics, from float64 sums of the pool3 features and of their outer
+    products, all-reduced over ranks; with ``resamples`` > 0 also the features (gathered), for the 95% interval."""
+
+    full_state_update = False
+
+    def __init__(self, reference: dict, resamples: int = 0, seed: int = 0, dim: int = 2048):
+        super().__init__()
+        self.reference = {"mu": np.asarray(reference["mu"], dtype=np.float64), "sigma": np.asarray(reference["sigma"], dtype=np.float64)}
+        self.resamples, self.seed = resamples, seed
+        self.add_state("feature_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("outer_sum", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        if resamples:
+            self.add_state("features", [], dist_reduce_fx="cat")
+            self.add_state("index", [], dist_reduce_fx="cat")
+
+    def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
+        x = pool.double()
+        self.feature_sum += x.sum(0)
+        self.outer_sum += x.T @ x
+        self.count += len(x)
+        if self.resamples:
+            self.features.append(pool)
+            self.index.append(index)
+
+    def compute(self) -> dict:
+        n = self.count
+        mu = self.feature_sum / n
+        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)       # the sample covariance, as np.cov
+        value = fid_statistics_to_metric({"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}, self.reference, verbose=False)
+        out = {"fid": value["frechet_inception_distance"]}
+        if self.resamples:
+            features = ordered(self.features, self.index)
+            counts = resample_counts(len(features), self.resamples, self.seed)
+            out["fid_ci95"] = interval(fid_of_resamples(features, counts, self.reference), out["fid"])
+        return out
+
+
+class InceptionScore(Metric):
+    """IS (paper eq. 12) of the gathered logits, in image order, with torch-fidelity's splits and shuffle."""
+
+    full_state_update = False
+
+    def __init__(self, splits: int = 10):
+        super().__init__()
+        self.splits = splits
+        self.add_state("logits", [], dist_reduce_fx="cat")
+        self.add_state("index", [], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        self.logits.append(logits)
+        self.index.append(index)
+
+    def compute(self) -> dict:
+        mean, std = inception_score(ordered(self.logits, self.index), self.splits)
+        return {"is_mean": mean, "is_std": std}
+
+
+class KID(Metric):
+    """KID (Binkowski et al. 2018) against the reference features: unbiased at any N; the subset size is at most N.
+    With ``resamples`` > 0 also its 95% bootstrap interval."""
+
+    full_state_update = False
+
+    def __init__(self, reference_features: torch.Tensor, subsets: int = 100, subset_size: int = 1000, resamples: int = 0, seed: int = 0):
+        super().__init__()
+        self.reference_features = reference_features
+        self.subsets, self.subset_size, self.resamples, self.seed = subsets, subset_size, resamples, seed
+        self.add_state("features", [], dist_reduce_fx="cat")
+        self.add_state("index", [], dist_reduce_fx="cat")
+
+    def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
+        self.features.append(pool)
+        self.index.append(index)
+
+    def compute(self) -> dict:
+        features = ordered(self.features, self.index)
+        reference = self.reference_features.to(features.device)
+        size = min(self.subset_size, len(features), len(reference))
+        mean, std = kid(features, reference, self.subsets, size)
+        out = {"kid_mean": mean, "kid_std": std}
+        if self.resamples:
+            counts = resample_counts(len(features), self.resamples, self.seed)
+            out["kid_ci95"] = interval(kid_of_resamples(features, counts, reference), mean)
+        return out
+
+
+class PrecisionRecall(Metric):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) against the reference features, torch-fidelity's prc
+    (3rd-nearest-neighbour balls): the fidelity/diversity split that guidance trades."""
+
+    full_state_update = False
+
+    def __init__(self, reference_features: torch.Tensor, neighborhood: int = 3):
+        super().__init__()
+        self.reference_features, self.neighborhood = reference_features, neighborhood
+        self.add_state("features", [], dist_reduce_fx="cat")
+        self.add_state("index", [], dist_reduce_fx="cat")
+
+    def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
+        self.features.append(pool)
+        self.index.append(index)
+
+    def compute(self) -> dict:
+        features = ordered(self.features, self.index)
+        out = prc_features_to_metric(features, self.reference_features.to(features.device), prc_neighborhood=self.neighborhood,
+                                     prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+        return {"precision": out["precision"], "recall": out["recall"], "f_score": out["f_score"]}
+
+
+SETTINGS = ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")  # the metrics.* keys the numbers depend on
+
+
+def metric_collection(detector: Inception, reference: dict, num_images: int, settings: dict) -> MetricCollection:
+    """FID, KID, IS (when the detector and N allow) and precision/recall (``settings['prc']``) on the detector's device.
+    ``settings``: kid_subsets, kid_subset_size, bootstrap (resamples; 0: no intervals), seed, prc."""
+    b, seed = settings["bootstrap"], settings["seed"]
+    metrics = {"fid": FID(reference, b, seed),
+               "kid": KID(reference["features"], settings["kid_subsets"], settings["kid_subset_size"], b, seed)}
+    if not is_unavailable(detector, num_images):
+        metrics["is"] = InceptionScore()
+    if settings["prc"]:
+        metrics["prc"] = PrecisionRecall(reference["features"])
+    device = next(detector.parameters()).device
+    return MetricCollection(metrics, compute_groups=False).to("cpu" if device.type == "mps" else device)  # mps has no float64
+
+
+def scores_of(collection: MetricCollection, detector: Inception, num_images: int) -> dict:
+    """The collection's numbers as one flat dict (is_mean/is_std None, with is_unavailable saying why, when IS is not given)."""
+    return {"is_mean": None, "is_std": None, **collection.compute(), "is_unavailable": is_unavailable(detector, num_images)}
+
+
+def loggable(scores: dict) -> dict:
+    """The numbers of a scores dict by log name: intervals [low, high] as <name>_low and <name>_high; no None or text."""
+    out = {}
+    for name, value in scores.items():
+        if isinstance(value, list):
+            out[f"{name}_low"], out[f"{name}_high"] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
 
 
 def reference_statistics(detector: Inception, images: torch.Tensor, key: dict, cache_dir: str | Path,
                          batch_size: int = 250) -> dict:
-    """FID statistics of real images (and their pool3 features, for metrics that need them), cached under a hash of
+    """FID statistics of real images and their pool3 features (for KID and precision/recall), cached under a hash of
     ``key`` (classes, split, number of images, detector) plus the images' own digest, so a later run or evaluation
-    loads them instead of recomputing."""
+    loads them instead of recomputing; computing them shows a progress bar with the time left."""
     key = {**key, "num_images": len(images), "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest()}
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"fid_stats_{name}.pt"
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy(), "features": cached.get("features")}
+        if cached.get("features") is not None:
+            return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy(), "features": cached["features"], "name": name}
     log.info(f"computing reference Inception statistics of {len(images)} images ({key['classes']}, {key['split']}) -> {path}")
-    features = extract(detector, images, batch_size)[0]
+    features = extract(detector, images, batch_size, progress=f"reference statistics, {len(images)} real images")[0]
     stats = statistics(features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features,
                 "key": json.dumps(key)}, tmp)
     os.replace(tmp, path)
-    return {**stats, "features": features}
+    return {**stats, "features": features, "name": name}
 
 
 def detector_and_reference(num_samples: int, weights: str | None, classes: list[str], images: torch.Tensor, split: str,
@@ -181,35 +453,74 @@ def detector_and_reference(num_samples: int, weights: str | None, classes: list[
     return detector, reference_statistics(detector, images, key, cache_dir, batch_size)
 
 
+def score_real(detector: Inception, reference: dict, images: torch.Tensor, settings: dict, batch_size: int) -> dict:
+    """The metrics of real images against the reference, through the same collection as generated ones."""
+    collection = metric_collection(detector, reference, len(images), settings)
+    device = next(detector.parameters()).device
+    for lo in range(0, len(images), batch_size):
+        pool, logits = detector(images[lo : lo + batch_size].to(device))
+        collection.update(pool=pool, logits=logits, index=torch.arange(lo, lo + len(pool), device=device))
+    return scores_of(collection, detector, len(images))
+
+
+@torch.no_grad()
+def floor(detector: Inception, reference: dict, test_images: torch.Tensor, num_samples: int, settings: dict, cache_dir: str | Path,
+          batch_size: int) -> dict:
+    """What a perfect model scores at this N: the metrics of the first N real held-out (test) images of the subset
+    against the same reference, cached per (reference, test images, N, detector, settings). With fewer test images
+    than N it says so and uses them all."""
+    if len(test_images) < num_samples:
+        log.warning(f"the floor: the test split has {len(test_images)} images of the subset, fewer than metrics.num_samples="
+                    f"{num_samples}; the floor is computed at N={len(test_images)} and is higher than at N={num_samples}")
+    images = test_images[:num_samples]
+    key = {"reference": reference["name"], "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
+           "settings": {k: settings[k] for k in ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")}}
+    path = Path(cache_dir) / f"floor_{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["scores"]
+    log.info(f"computing the real-data floor: {len(images)} real test images against the reference -> {path}")
+    scores = {**score_real(detector, reference, images, settings, batch_size), "num_samples": len(images)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "scores": scores}))
+    os.replace(tmp, path)
+    return scores
+
+
 def even_labels(n: int, num_classes: int) -> torch.Tensor:
     """Class labels drawn evenly over the subset: 0, 1, ..., K-1, 0, 1, ..."""
     return torch.arange(n) % num_classes
 
 
 @torch.no_grad()
-def generated_features(generate, detector: Inception, n: int, seed: int, batch_size: int, progress=None):
-    """Features of n generated images, split over the ranks of torch.distributed when it is running.
+def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: float | None, settings: dict, batch_size: int,
+             sampler: dict | None = None, progress=None) -> tuple[dict, torch.Tensor]:
+    """The one evaluation path: ``num_samples`` images from the module (evenly drawn classes, guidance weight w,
+    the given or the module's sampler), their Inception features, and the metric collection's numbers; also the
+    first 64 images (a preview). Split over the ranks of torch.distributed when it is running.
 
-    The images come in chunks of ``batch_size``; chunk k is generated by ``generate(start, size, generator)`` with
-    its own seed (seed, k), so a chunk's images do not depend on which rank makes it, and every rank ends with the
-    same features as one process would. Rank r makes chunks r, r + world, ...; the features are gathered to all.
-    """
+    The images come in chunks of ``batch_size``; chunk k is generated with its own seed (settings['seed'], k), so a
+    chunk's images do not depend on which rank makes it; rank r makes chunks r, r + world, ..., and the metric
+    states sync over ranks, so every rank gets the numbers one process would."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(detector.parameters()).device
-    chunks = math.ceil(n / batch_size)
-    mine = {}
-    for k in range(rank, chunks, world):
-        start, size = k * batch_size, min(batch_size, n - k * batch_size)
-        g = torch.Generator(device).manual_seed(seed * 1_000_003 + k)
-        images = generate(start, size, g)
-        mine[k] = (*extract(detector, images, batch_size), images[: 64 - start].cpu() if start < 64 else None)
+    collection = metric_collection(detector, reference, num_samples, settings)
+    labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
+    chunks = math.ceil(num_samples / batch_size)
+    preview = []
+    for done, k in enumerate(range(rank, chunks, world), 1):
+        start, size = k * batch_size, min(batch_size, num_samples - k * batch_size)
+        g = torch.Generator(module.device).manual_seed(settings["seed"] * 1_000_003 + k)
+        y = None if labels is None else labels[start : start + size]
+        images = module.sample(n=size, labels=y, w=w, sampler=sampler, generator=g, batch_size=size)
+        pool, logits = detector(images.to(device))
+        collection.update(pool=pool, logits=logits, index=torch.arange(start, start + size, device=device))
+        if start < 64:
+            preview.append((torch.arange(start, start + size, device=images.device)[: 64 - start], images[: 64 - start]))
         if progress:
-            progress(len(mine) * world, chunks)
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        mine = {k: v for part in gathered for k, v in part.items()}
-    parts = [mine[k] for k in range(chunks)]
-    pool, logits = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    preview = torch.cat([p[2] for p in parts if p[2] is not None])
-    return pool, logits, preview
+            progress(min(done * world, chunks), chunks)
+    index = torch.cat([i for i, _ in preview]) if preview else torch.zeros(0, dtype=torch.long, device=module.device)
+    images = torch.cat([x for _, x in preview]) if preview else torch.zeros(0, 3, *[module.hparams.image_size] * 2, dtype=torch.uint8, device=module.device)
+    if world > 1:  # the first 64 images may come from several ranks
+        index, images = torch.cat(gather_all_tensors(index)), torch.cat(gather_all_tensors(images))
+    return scores_of(collection, detector, num_samples), images[index.argsort()]

@@ -30,7 +30,9 @@ def load_train(run: Path) -> dict:
     config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"))
     rows = read_csv(run / "csv" / "metrics.csv")
     evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "fid": number(r["val/fid"]),
-              "is_mean": number(r.get("val/is_mean")), "is_std": number(r.get("val/is_std"))} for r in rows if number(r.get("val/fid")) is not None]
+              "is_mean": number(r.get("val/is_mean")), "is_std": number(r.get("val/is_std")),
+              "fid_ci95": [number(r.get("val/fid_ci95_low")), number(r.get("val/fid_ci95_high"))] if r.get("val/fid_ci95_low") else None}
+             for r in rows if number(r.get("val/fid")) is not None]
     epochs = [{"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
               for r in rows if number(r.get("train/loss_epoch")) is not None]
     steps_per_epoch = (epochs[-1]["step"] + 1) / (epochs[-1]["epoch"] + 1) if epochs else None
@@ -129,8 +131,11 @@ def fig_metric_over_epochs(results: dict, key: str = "fid"):
     for name, run in results["train"].items():
         points = [(e["epochs"], e[key]) for e in run["evals"] if e[key] is not None]
         if points:
-            ax.plot(*zip(*points), "o-", label=name)
+            line, = ax.plot(*zip(*points), "o-", label=name)
             drawn = True
+            bands = [(e["epochs"], *e["fid_ci95"]) for e in run["evals"] if key == "fid" and e.get("fid_ci95")]
+            if bands:  # the 95% bootstrap interval of each evaluation
+                ax.fill_between(*zip(*bands), color=line.get_color(), alpha=0.2, lw=0)
     if key == "fid":
         _floor_lines(ax, results, sorted({data_name(r) for r in results["train"].values()}))
     if not drawn:
@@ -165,7 +170,11 @@ def fig_metric_vs_w(results: dict, key: str = "fid"):
             continue
         points = [(r["w"], r[key]) for r in rows if r[key] is not None]
         datas.append(data_name(run))
-        if points:
+        if points and key == "fid" and all(r.get("fid_ci95") for r in rows):  # 95% bootstrap intervals as error bars
+            ax.errorbar(*zip(*points), yerr=[[r["fid"] - r["fid_ci95"][0] for r in rows], [r["fid_ci95"][1] - r["fid"] for r in rows]],
+                        fmt="o-", capsize=3, label=f"{name} (95% interval)")
+            drawn = True
+        elif points:
             ax.plot(*zip(*points), "o-", label=name)
             drawn = True
     if key == "fid":

@@ -75,13 +75,20 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict]:
-    """The FID detector and the reference statistics of the subset's real images (cached), on the training device."""
+def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict, dict]:
+    """The FID detector, the reference statistics of the subset's real images and the real-data floor (both cached),
+    on the training device."""
     m = cfg.metrics
     images = data.train_images if m.reference_split == "train" else data.test_images
     device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
-    return metrics.detector_and_reference(m.num_samples, m.inception_weights, data.classes, images, m.reference_split,
-                                          m.reference_images, m.cache_dir, m.batch_size, device)
+    detector, reference = metrics.detector_and_reference(m.num_samples, m.inception_weights, data.classes, images, m.reference_split,
+                                                         m.reference_images, m.cache_dir, m.batch_size, device)
+    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metric_settings(cfg), m.cache_dir, m.batch_size)
+    return detector, reference, floor
+
+
+def metric_settings(cfg: DictConfig) -> dict:
+    return {k: cfg.metrics[k] for k in metrics.SETTINGS}
 
 
 def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
@@ -94,8 +101,9 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
     if every % cfg.trainer.check_val_every_n_epoch:
         raise ConfigError(f"callbacks.fid.every_n_epochs={every} must be a multiple of trainer.check_val_every_n_epoch="
                           f"{cfg.trainer.check_val_every_n_epoch} (FID runs at validation, with the EMA weights)")
-    detector, reference = load_reference(cfg, data)
-    return [FIDCallback(detector, reference, every, cfg.metrics.num_samples, guidance_weights(cfg), cfg.metrics.seed, cfg.metrics.batch_size)]
+    detector, reference, floor = load_reference(cfg, data)
+    return [FIDCallback(detector, reference, floor, every, cfg.metrics.num_samples, guidance_weights(cfg), metric_settings(cfg),
+                        cfg.metrics.batch_size)]
 
 
 def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:

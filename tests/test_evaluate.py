@@ -25,8 +25,12 @@ def test_evaluate_py_writes_results_and_logs_to_wandb(python, smoke_run, detecto
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["model"] == "improved" and results["w"] == 2.0 and results["num_samples"] == 10
     assert results["fid"] > 0 and results["is_mean"] >= 1 and results["is_unavailable"] is None
+    assert results["fid_ci95"][0] < results["fid"] < results["fid_ci95"][1]
+    assert results["kid_ci95"][0] < results["kid_mean"] < results["kid_ci95"][1] and results["kid_std"] >= 0
+    assert results["fid_floor"] > 0 and results["kid_floor"] is not None
     row = next(csv.DictReader(open(tmp_path / "e" / "results.csv")))
-    assert float(row["fid"]) == pytest.approx(results["fid"])
+    assert float(row["fid"]) == pytest.approx(results["fid"]) and float(row["kid_mean"]) == pytest.approx(results["kid_mean"])
+    assert "FID" in p.stderr + p.stdout and "real-data floor" in p.stderr + p.stdout
     assert list((tmp_path / "e" / "wandb").glob("offline-run-*"))
 
 
@@ -35,16 +39,21 @@ def test_evaluate_py_scores_real_images_as_the_floor(python, smoke_run, detector
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["sampler"] == "real test images" and results["num_samples"] == 10
+    assert results["fid"] == results["fid_floor"] and results["kid_mean"] == results["kid_floor"]
+    assert results["fid_ci95"][0] < results["fid"] < results["fid_ci95"][1]
 
 
 def test_guidance_sweep_gives_one_result_per_w_and_the_summary(python, smoke_run, detector_file, tmp_path):
     sweep = tmp_path / "sweep"
-    p = run(python, "evaluate.py", "-m", *eval_args(smoke_run, detector_file, tmp_path), "guidance.w=0,2", f"hydra.sweep.dir={sweep}")
+    p = run(python, "evaluate.py", "-m", *eval_args(smoke_run, detector_file, tmp_path), "guidance.w=0,2", "metrics.prc=true",
+            f"hydra.sweep.dir={sweep}")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(list(sweep.glob("*/results.json"))) == 2
     assert len({r.name for r in sweep.glob("*/wandb/offline-run-*")}) == 2
     table = (sweep / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS | precision | recall |")
     assert table[2].startswith("| 0.0 | ddim | 3 | 10 |") and table[3].startswith("| 2.0 | ddim | 3 | 10 |")
+    assert table[2].count("[") == 2  # the intervals of FID and KID
     assert (sweep / "fid_is_vs_w.png").stat().st_size > 1000
 
 
@@ -57,7 +66,8 @@ def test_training_logs_fid_and_is_for_each_guidance_weight(python, cifar_root, d
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     logged = {k for r in rows for k, v in r.items() if v}
-    assert {"val/fid_w0.0", "val/fid_w2.0", "val/is_mean_w0.0", "val/is_std_w2.0"} <= logged
+    assert {"val/fid_w0.0", "val/fid_w2.0", "val/is_mean_w0.0", "val/is_std_w2.0", "val/kid_mean_w0.0", "val/kid_std_w2.0",
+            "val/fid_ci95_low_w0.0", "val/fid_ci95_high_w2.0", "val/kid_ci95_low_w2.0", "val/fid_floor_w0.0", "val/kid_floor_w2.0"} <= logged
     assert (run_dir / "samples" / "fid_epoch_0001_w2.0.png").is_file()
 
 

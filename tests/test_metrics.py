@@ -1,4 +1,5 @@
-"""FID and IS: closed-form properties, agreement with torch_fidelity.calculate_metrics, the cache, the ranks."""
+"""FID, IS, KID, precision/recall: closed forms, agreement with torch_fidelity.calculate_metrics, bootstrap intervals,
+the floor, the cache, the ranks."""
 
 import json
 import os
@@ -9,9 +10,15 @@ import torch.multiprocessing as mp
 
 from conftest import SHARED, natural_images, random_detector_state
 from ddpm_lightning import metrics
-from ddpm_lightning.callbacks import evaluate_module
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.module import DiffusionModule
+
+SETTINGS = dict(kid_subsets=10, kid_subset_size=20, bootstrap=50, seed=0, prc=True)
+
+
+def reference_of(detector, images) -> dict:
+    pool = metrics.extract(detector, images)[0]
+    return {**metrics.statistics(pool), "features": pool, "name": "test"}
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +53,59 @@ def test_fid_and_is_equal_torch_fidelity(detector, detector_file):
         def __getitem__(self, i):
             return self.x[i]
 
-    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, isc=True, cuda=False,
-                                              batch_size=30, verbose=False, feature_extractor_weights_path=str(detector_file))
-    pool_a, logits_a = metrics.extract(detector, a, batch_size=30)
-    pool_b, _ = metrics.extract(detector, b, batch_size=30)
-    ours_fid = metrics.fid(pool_a, metrics.statistics(pool_b))
-    ours_is = metrics.inception_score(logits_a)
-    assert ours_fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
-    assert ours_is[0] == pytest.approx(theirs["inception_score_mean"], rel=1e-3)
-    assert ours_is[1] == pytest.approx(theirs["inception_score_std"], rel=1e-3, abs=1e-6)
+    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, isc=True, kid=True, prc=True, cuda=False,
+                                              batch_size=30, verbose=False, feature_extractor_weights_path=str(detector_file),
+                                              kid_subsets=10, kid_subset_size=20,
+                                              feature_extractor="inception-v3-compat", feature_layer_prc="2048")  # prc on pool3, as ours
+    ours = metrics.score_real(detector, reference_of(detector, b), a, SETTINGS, batch_size=7)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
+    assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-3)
+    assert ours["is_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-3, abs=1e-6)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3)
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-3)
+    for key in ("precision", "recall", "f_score"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-3)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1  # not a degenerate case
+
+
+def gaussian_features(n: int, d: int = 16, shift: float = 0.3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def test_resampling_formulas_give_the_full_sample_values_for_the_sample_itself():
+    reference_features = gaussian_features(400, shift=0.0, seed=9)
+    reference = metrics.statistics(reference_features)
+    for n in (12, 40):  # n <= d (an n x n problem) and n > d (d x d)
+        features = gaussian_features(n)
+        full = metrics.fid_of_resamples(features, torch.ones(1, n), reference)
+        assert full.item() == pytest.approx(metrics.fid(features, reference), rel=1e-4)
+    counts = torch.tensor([[2.0] + [1.0] * 38 + [0.0]])  # item 0 twice, item 39 not at all
+    resample = torch.cat([features[:1], features[:39]])
+    assert metrics.fid_of_resamples(features, counts, reference).item() == pytest.approx(metrics.fid(resample, reference), rel=1e-4)
+    # the KID resample statistic: pairs of positions, duplicates included
+    k = metrics.polynomial_kernel
+    direct = (k(resample, resample).double().sum() - k(resample, resample).double().diagonal().sum()) / (40 * 39) \
+        - 2 * k(resample, reference_features).double().mean()
+    assert metrics.kid_of_resamples(features, counts, reference_features, chunk=16).item() == pytest.approx(direct.item(), rel=1e-6)
+
+
+def test_bootstrap_intervals_contain_the_value_and_halve_with_four_times_n():
+    reference_features = gaussian_features(4000, shift=0.0, seed=9)
+    reference = {**metrics.statistics(reference_features), "features": reference_features}
+    widths = {}
+    for n in (200, 800):
+        collection = metrics.MetricCollection({"fid": metrics.FID(reference, 400, 0, dim=16),
+                                               "kid": metrics.KID(reference_features, 20, 100, 400, 0)})
+        collection.update(pool=gaussian_features(n, seed=n), index=torch.arange(n))
+        out = collection.compute()
+        assert out["fid_ci95"][0] < out["fid"] < out["fid_ci95"][1]
+        assert out["kid_ci95"][0] < out["kid_mean"] < out["kid_ci95"][1]
+        widths[n] = (out["fid_ci95"][1] - out["fid_ci95"][0], out["kid_ci95"][1] - out["kid_ci95"][0])
+    for i in range(2):
+        assert 0.35 < widths[800][i] / widths[200][i] < 0.7, widths
+    # the interval's width against the spread of FID over fresh samples of the same size
+    fresh = torch.tensor([metrics.fid(gaussian_features(200, seed=100 + s), reference) for s in range(200)])
+    assert 0.6 < widths[200][0] / 3.92 / fresh.std().item() < 1.6, (widths[200][0] / 3.92, fresh.std().item())
 
 
 def test_constant_logits_give_an_inception_score_of_one():
@@ -72,10 +123,24 @@ def test_weights_without_classifier_give_fid_and_no_is(tmp_path):
     assert detector.is_unavailable.startswith("Inception Score unavailable: the detector weights")
     m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=10), class_names=["cat"],
                         conditional=False, p_uncond=0.0, guidance_w=0.0, sampler=dict(name="ddim", steps=2))
-    reference = metrics.statistics(metrics.extract(detector, natural_images(10))[0])
-    scores, preview, _ = evaluate_module(m, detector, reference, num_samples=4, w=0.0, seed=0, batch_size=4)
-    assert scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0
+    scores, preview = metrics.evaluate(m, detector, reference_of(detector, natural_images(10)), num_samples=4, w=0.0,
+                                       settings={**SETTINGS, "kid_subset_size": 100}, batch_size=4)
+    assert scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0 and scores["kid_mean"] is not None
     assert preview.shape == (4, 3, 32, 32)
+
+
+def test_the_floor_is_cached_and_says_when_the_test_split_is_short(detector, tmp_path, caplog):
+    reference = reference_of(detector, natural_images(12))
+    calls = []
+    real_score = metrics.score_real
+    metrics_score = lambda *a, **k: calls.append(len(a[2])) or real_score(*a, **k)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(metrics, "score_real", metrics_score)
+        first = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
+        assert "the test split has 8 images of the subset, fewer than metrics.num_samples=20" in caplog.text
+        again = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
+    assert calls == [8] and first == again and first["num_samples"] == 8
+    assert first["fid"] > 0 and first["fid_ci95"][0] < first["fid"] < first["fid_ci95"][1]
 
 
 @pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason="../shared weights not present")
@@ -105,7 +170,9 @@ def test_bad_detector_weights(tmp_path, content, message):
 def test_second_evaluation_computes_no_reference_features(detector, tmp_path, monkeypatch):
     calls = []
     real_extract = metrics.extract
-    monkeypatch.setattr(metrics, "extract", lambda d, x, bs=250: calls.append(len(x)) or real_extract(d, x, bs))
+    progress, real_bar = [], metrics.progress_bar
+    monkeypatch.setattr(metrics, "extract", lambda d, x, bs=250, progress=None: calls.append(len(x)) or real_extract(d, x, bs, progress))
+    monkeypatch.setattr(metrics, "progress_bar", lambda description, total: progress.append((description, total)) or real_bar(None, total))
     images, key = natural_images(12), dict(classes=["cat"], split="train", detector="random")
     first = metrics.reference_statistics(detector, images, key, tmp_path)
     assert calls == [12]
@@ -114,6 +181,7 @@ def test_second_evaluation_computes_no_reference_features(detector, tmp_path, mo
     assert (first["mu"] == second["mu"]).all() and (first["sigma"] == second["sigma"]).all()
     metrics.reference_statistics(detector, images, {**key, "classes": ["dog"]}, tmp_path)
     assert calls == [12, 12]  # another key, computed again
+    assert progress == [("reference statistics, 12 real images", 12)] * 2  # a progress bar with the time left
 
 
 def _rank_worker(rank, world, detector_file, out, port):
@@ -130,8 +198,10 @@ def _scores(detector_file):
     m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=10), class_names=["cat", "dog"],
                         conditional=True, p_uncond=0.1, guidance_w=1.0, sampler=dict(name="ddim", steps=3))
     detector = metrics.load_inception(str(detector_file))
-    reference = metrics.statistics(metrics.extract(detector, natural_images(10))[0])
-    return evaluate_module(m, detector, reference, num_samples=10, w=1.0, seed=5, batch_size=3)[0]
+    reference = reference_of(detector, natural_images(16))
+    scores, preview = metrics.evaluate(m, detector, reference, num_samples=10, w=1.0, settings={**SETTINGS, "kid_subset_size": 8},
+                                       batch_size=3)
+    return {**scores, "preview_sum": preview.sum().item(), "preview_len": len(preview)}
 
 
 def test_two_ranks_give_the_single_process_scores(detector_file, tmp_path):
@@ -139,5 +209,9 @@ def test_two_ranks_give_the_single_process_scores(detector_file, tmp_path):
     mp.spawn(_rank_worker, args=(2, detector_file, out, 29500 + os.getpid() % 1000), nprocs=2)
     single = _scores(detector_file)
     ddp = json.loads(out.read_text())
-    assert ddp["fid"] == pytest.approx(single["fid"], rel=1e-6)
-    assert ddp["is_mean"] == pytest.approx(single["is_mean"], rel=1e-6)
+    assert set(ddp) == set(single)
+    for key in ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-6), key
+    for key in ("fid_ci95", "kid_ci95"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-5), key
+    assert ddp["preview_len"] == single["preview_len"] == 10 and ddp["preview_sum"] == single["preview_sum"]
