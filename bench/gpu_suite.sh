@@ -22,7 +22,7 @@ fi
 $PY train_throughput.py --out "$tmp/train.json"                    # batch 256: throughput at a larger batch
 $PY sample_throughput.py --out "$tmp/sample.json"                  # 1,000 guided samples, DPM-Solver++ 20 steps
 $PY fid_throughput.py --weights "$WEIGHTS" --out "$tmp/fid.json"
-$PY eval_throughput.py --out "$tmp/eval.json"                      # 50,000 guided samples + features, FID, IS
+$PY eval_throughput.py --out "$tmp/eval.json"                      # 50,000 guided samples + features, FID, KID, IS, intervals
 $PY real_training.py --data "$DATA" --out "$tmp/real.json"         # the paper's batch, 64, on the real images
 $PY speed_equivalence.py --out "$tmp/equivalence.json"             # loss curves, every speed option on vs off
 $PY - "$tmp" "$out" <<'PY'
