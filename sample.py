@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from ddpm_lightning.cli import exit_on_config_error, main_entry
+from ddpm_lightning.cli import exit_on_config_error, main_entry, startup
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -11,7 +11,8 @@ from ddpm_lightning.cli import exit_on_config_error, main_entry
 def main(cfg: DictConfig) -> None:
     from ddpm_lightning.sample import run
 
-    run(cfg)
+    with startup("sampling", cfg=cfg):  # a library's error is one line, exit 2 (HYDRA_FULL_ERROR=1: the traceback)
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -11,3 +11,4 @@ def _gpu_or(on_gpu, otherwise):
 
 
 OmegaConf.register_new_resolver("gpu_or", _gpu_or, replace=True)
+

@@ -1,14 +1,20 @@
 """What the entry points share: bad settings end as one line on stderr and exit code 2, before anything runs."""
 
+import contextlib
 import functools
+import itertools
+import math
 import os
 import sys
 from pathlib import Path
 
+from ddpm_lightning import schema  # noqa: F401  (registers the settings' schema with Hydra's ConfigStore)
 from ddpm_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLING_TIME = ("guidance.w", "sampler")  # and sampler.*: settings that change sampling, not the trained model
+SETTING_WORDS = ("trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.precision", "trainer.max_time",
+                 "trainer.limit_val_batches", "data.root", "metrics.inception_weights", "metrics.cache_dir", "ckpt")
 
 
 def exit_on_config_error(fn):
@@ -23,9 +29,18 @@ def exit_on_config_error(fn):
     return wrapper
 
 
-def one_line(message: str) -> str:
-    """Hydra's multi-line error as one line, without its config search path."""
+def one_line(message) -> str:
+    """Hydra's or OmegaConf's multi-line error as one line: the cause when there is one (a wrong type, an unknown key),
+    with the key it names, and without the config search path."""
+    cause = getattr(message, "__cause__", None)
     text = str(message).split("Config search path")[0]
+    if cause is not None and "full_key:" in str(cause):
+        first = str(cause).splitlines()[0].strip()
+        key = str(cause).split("full_key:")[1].split()[0]
+        given = str(message).split("override ", 1)[1].strip() if "Error merging override " in str(message) else key
+        group = key.split(".")[0]
+        chosen = f" of this {group} (another {group}=... may have it)" if group in ("sampler", "schedule") else ""
+        text = f"{key} is not a setting{chosen}; drop it" if first.startswith("Key '") and " not in " in first else f"{given}: {first}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -42,34 +57,90 @@ def writable_dir(path: str | Path) -> Path:
     return path
 
 
+def sweep_overrides(argv: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
+    """The override lists to check: the command line's own, or under -m every swept value of every swept key (all
+    combinations when there are at most 64, else each value with the other keys at their first); and the swept keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override())]
+    keys = [o.get_key_element() for o in parsed if multirun and o.is_sweep_override()]
+    swept = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed if multirun and o.is_sweep_override()]
+    if math.prod(len(values) for values in swept) <= 64:
+        return [fixed + list(combo) for combo in itertools.product(*swept)], keys
+    return [fixed + [values[0] for values in swept[:i]] + [v] + [values[0] for values in swept[i + 1:]]
+            for i, values in enumerate(swept) for v in values], keys
+
+
 @exit_on_config_error
 def preflight(config_name: str, argv: list[str]) -> None:
-    """Compose the config once before Hydra runs, so that an unknown group, option or value, or an unwritable run
-    dir, ends as one line. Sweeps are checked with their first value. Flags (--help, --cfg, ...) go to Hydra as they are."""
+    """Compose the config before Hydra runs and check it against the schema (ranges, choices, relations: schema.check),
+    so that a wrong type, an unknown key, group or option, a bad value or an unwritable run dir ends as one line. Under
+    -m every value of every swept key is checked before the first job starts. --help lists every key; other flags
+    (--cfg, --info, ...) go to Hydra as they are."""
+    if any(a in ("--help", "-h") for a in argv):
+        print(schema.help_text(config_name, Path(sys.argv[0]).name))
+        sys.exit(0)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if os.environ.get("LOCAL_RANK") or any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # a DDP child relaunched by Lightning (checked by its parent), or a Hydra flag
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        overrides, swept = [], []
-        for o in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
-            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()
-            overrides.append(o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={value}")
-            swept += [o.get_key_element()] if o.is_sweep_override() else []
+        jobs, swept = sweep_overrides(argv, multirun)
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+            for overrides in jobs:
+                try:
+                    cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+                    schema.check(cfg, config_name)
+                except ConfigError as e:
+                    job = " ".join(o for o in overrides if o.split("=")[0] in swept)
+                    raise ConfigError(f"{e} [in the sweep job {job}]" if multirun and len(jobs) > 1 else str(e)) from None
             out = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+    except ConfigError:
+        raise
     except Exception as e:  # Hydra's composition and parse errors
-        raise ConfigError(f"{one_line(e)} (python {Path(sys.argv[0]).name} --help lists the groups and options)") from None
+        raise ConfigError(f"{one_line(e)} (python {Path(sys.argv[0]).name} --help lists every setting with its type)") from None
     sampling_time = [k for k in swept if k in SAMPLING_TIME or k.startswith("sampler.")]
     if config_name == "config" and multirun and sampling_time:
-        print(f"warning: this sweep trains one model per value of {', '.join(sampling_time)}, which only changes how samples are "
-              "drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model with "
-              "evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
+        print(f"warning: this sweep trains one model per value of {', '.join(sampling_time)}, which only changes how "
+              "samples are drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model "
+              "with evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
         writable_dir(out)  # the default dirs are made by Hydra itself
+
+
+def flat_settings(cfg, prefix: str = "") -> dict:
+    """A config's leaves by dotted key (the hydra node aside)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out = {}
+    for k, v in node.items():
+        if k != "hydra":
+            out.update(flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@contextlib.contextmanager
+def startup(what: str, applies=lambda: True, cfg=None):
+    """An exception from a library while the run is being built (Lightning's MisconfigurationException, torch's
+    ValueError, an OSError, ...) ends as one line, exit 2, naming the setting when the message does, while
+    ``applies()`` (for training: until the first step is done; later errors keep their traceback and checkpoint
+    guarantees); HYDRA_FULL_ERROR=1 lets the traceback through."""
+    try:
+        yield
+    except (ConfigError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not applies():
+            raise
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        named = [k for k in SETTING_WORDS if k.split(".")[-1] in text]
+        if cfg is not None:  # a setting whose value (a path, a name) the message quotes
+            named += [k for k, v in flat_settings(cfg).items() if isinstance(v, str) and len(v) > 2 and v in text and k not in named]
+        hint = f" (check {', '.join(named)})" if named else ""
+        raise ConfigError(f"{what} failed: {type(e).__name__}: {text}{hint}; HYDRA_FULL_ERROR=1 shows the traceback") from None
 
 
 def main_entry(main, config_name: str) -> None:

@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> None:
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
     detector, reference = metrics.detector_and_reference(
-        m.num_samples, m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
+        m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
         m.reference_split, m.reference_images, m.cache_dir, m.batch_size, module.device)
 
     settings = {k: m[k] for k in metrics.SETTINGS}
@@ -100,10 +100,9 @@ def describe(r: dict) -> str:
 
     text = (f"FID {r['fid']:.2f}{ci('fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci('kid', 1e3)} "
             f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})")
-    text += f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}"
     if r.get("precision") is not None:
         text += f", precision {r['precision']:.3f}, recall {r['recall']:.3f}"
-    return text
+    return text + (f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}")
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None) -> None:

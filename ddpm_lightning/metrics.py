@@ -441,25 +441,26 @@ def reference_statistics(detector: Inception, images: torch.Tensor, key: dict, c
     return {**stats, "features": features, "name": name}
 
 
-def detector_and_reference(num_samples: int, weights: str | None, classes: list[str], images: torch.Tensor, split: str,
-                           limit: int | None, cache_dir: str | Path, batch_size: int, device) -> tuple[Inception, dict]:
+def detector_and_reference(weights: str | None, classes: list[str], images: torch.Tensor, split: str, limit: int | None,
+                           cache_dir: str | Path, batch_size: int, device) -> tuple[Inception, dict]:
     """What every FID needs, checked before any work: the detector (on ``device``) and the reference statistics of
     the first ``limit`` (or all) real images of the subset's ``split``, from the cache when it has them."""
-    if num_samples < 2:
-        raise ConfigError(f"metrics.num_samples={num_samples} must be at least 2 (FID needs a covariance)")
     detector = load_inception(weights).to(device)
     images = images[:limit] if limit else images
     key = dict(classes=list(classes), split=split, detector=detector_id(weights))
     return detector, reference_statistics(detector, images, key, cache_dir, batch_size)
 
 
-def score_real(detector: Inception, reference: dict, images: torch.Tensor, settings: dict, batch_size: int) -> dict:
+def score_real(detector: Inception, reference: dict, images: torch.Tensor, settings: dict, batch_size: int,
+               progress: str | None = None) -> dict:
     """The metrics of real images against the reference, through the same collection as generated ones."""
     collection = metric_collection(detector, reference, len(images), settings)
     device = next(detector.parameters()).device
-    for lo in range(0, len(images), batch_size):
-        pool, logits = detector(images[lo : lo + batch_size].to(device))
-        collection.update(pool=pool, logits=logits, index=torch.arange(lo, lo + len(pool), device=device))
+    with progress_bar(progress, len(images)) as advance:
+        for lo in range(0, len(images), batch_size):
+            pool, logits = detector(images[lo : lo + batch_size].to(device))
+            collection.update(pool=pool, logits=logits, index=torch.arange(lo, lo + len(pool), device=device))
+            advance(len(pool))
     return scores_of(collection, detector, len(images))
 
 
@@ -479,7 +480,8 @@ def floor(detector: Inception, reference: dict, test_images: torch.Tensor, num_s
     if path.is_file():
         return json.loads(path.read_text())["scores"]
     log.info(f"computing the real-data floor: {len(images)} real test images against the reference -> {path}")
-    scores = {**score_real(detector, reference, images, settings, batch_size), "num_samples": len(images)}
+    scores = {**score_real(detector, reference, images, settings, batch_size, progress=f"real-data floor, {len(images)} test images"),
+              "num_samples": len(images)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"key": key, "scores": scores}))

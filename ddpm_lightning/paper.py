@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.cli import CONF, one_line
+from ddpm_lightning import schema
 from ddpm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
         if a.startswith("-"):
             raise ConfigError(f"{a}: paper.py takes only key=value overrides of train.py's config")
     cfg = compose_train_config(train_args)
+    schema.check(cfg, "config")
     p, out = cfg.paper, Path(cfg.paper.dir)
-    check(p)
     py = sys.executable
     group = [] if cfg.logger.wandb is None or cfg.logger.wandb.group else [f"logger.wandb.group={out.name}"]  # one W&B group
     names = [(model, data) for model in p.models for data in p.data]
@@ -89,19 +90,6 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
                                            "strips.forward=true", f"data.root={cfg.data.root}", f"hydra.run.dir={out / 'samples' / name}"]))
     stages.append(("report", [py, str(ROOT / "report.py"), f"runs={out}", f"out={out / 'report'}", f"loss_from_epoch={p.loss_from_epoch}"]))
     return cfg, stages
-
-
-def check(p: DictConfig) -> None:
-    """paper.* checked before anything runs: known models and data sets, numeric weights, positive counts."""
-    for key in ("models", "data"):
-        options = sorted(f.stem for f in (CONF / key.rstrip("s")).glob("*.yaml"))
-        if not p[key] or any(v not in options for v in p[key]):
-            raise ConfigError(f"paper.{key}={list(p[key])} must list some of {', '.join(options)}")
-    if not p.guidance_ws or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in p.guidance_ws):
-        raise ConfigError(f"paper.guidance_ws={list(p.guidance_ws)} must be a non-empty list of weights >= 0, e.g. [0,0.5,1,2,3,4]")
-    for key in ("samples", "eval_seed", "loss_from_epoch"):
-        if not isinstance(p[key], (int, float)) or isinstance(p[key], bool) or p[key] < (1 if key == "samples" else 0):
-            raise ConfigError(f"paper.{key}={p[key]} must be a number >= {1 if key == 'samples' else 0}")
 
 
 def samples_done(command: list[str]) -> bool:

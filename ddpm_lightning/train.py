@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import metrics
+from ddpm_lightning.cli import startup
 from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preempted, Preemption, ProgressBar, SampleGrid, last_checkpoint
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
@@ -81,8 +82,8 @@ def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Ince
     m = cfg.metrics
     images = data.train_images if m.reference_split == "train" else data.test_images
     device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
-    detector, reference = metrics.detector_and_reference(m.num_samples, m.inception_weights, data.classes, images, m.reference_split,
-                                                         m.reference_images, m.cache_dir, m.batch_size, device)
+    detector, reference = metrics.detector_and_reference(m.inception_weights, data.classes, images, m.reference_split, m.reference_images,
+                                                         m.cache_dir, m.batch_size, device)
     floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metric_settings(cfg), m.cache_dir, m.batch_size)
     return detector, reference, floor
 
@@ -98,9 +99,6 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
     if cfg.trainer.fast_dev_run:
         log.info("trainer.fast_dev_run: no FID evaluation (it needs the reference statistics and num_samples images)")
         return []
-    if every % cfg.trainer.check_val_every_n_epoch:
-        raise ConfigError(f"callbacks.fid.every_n_epochs={every} must be a multiple of trainer.check_val_every_n_epoch="
-                          f"{cfg.trainer.check_val_every_n_epoch} (FID runs at validation, with the EMA weights)")
     detector, reference, floor = load_reference(cfg, data)
     return [FIDCallback(detector, reference, floor, every, cfg.metrics.num_samples, guidance_weights(cfg), metric_settings(cfg),
                         cfg.metrics.batch_size)]
@@ -138,6 +136,15 @@ def define_wandb_metrics(run) -> None:
     run.define_metric("val/fid*", step_metric="epoch", summary="min,last")
 
 
+class TrainingStarted(L.Callback):
+    """Marks the first finished training step: a failure before it is a start-up error (one line, exit 2)."""
+
+    stepped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped = True
+
+
 def finished(run_dir: Path, max_epochs: int) -> bool:
     """Whether the run dir holds a run that trained to ``max_epochs`` (its done.json, written at the end of fit)."""
     done = run_dir / "done.json"
@@ -152,25 +159,28 @@ def run(cfg: DictConfig) -> None:
                  "nothing to do (raise trainer.max_epochs to train on, or use another run dir)")
         return
     start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
-    data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
-    data.setup("fit")  # bad data fails here, before anything is built
-    module = build_module(cfg, data.classes)
-    ckpt_path = resume_from(cfg, run_dir, module)
-    log_prior_gap(module.schedule)
-    callbacks = [
-        SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
-        *fid_callback(cfg, data),
-        EMA(**cfg.callbacks.ema),
-        last_checkpoint(run_dir / "checkpoints"),
-        Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
-        ETA(),
-    ]
-    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
-    trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
+    with startup("building the run", cfg=cfg):  # until the first training step: any failure is one line, and nothing is trained
+        L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
+        data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+        data.setup("fit")  # bad data fails here, before anything is built
+        module = build_module(cfg, data.classes)
+        ckpt_path = resume_from(cfg, run_dir, module)
+        log_prior_gap(module.schedule)
+        callbacks = [
+            started := TrainingStarted(),  # first, so that it marks the first step before any callback can stop the run
+            SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
+            *fid_callback(cfg, data),
+            EMA(**cfg.callbacks.ema),
+            last_checkpoint(run_dir / "checkpoints"),
+            Preemption(run_dir / "checkpoints" / "last.ckpt"),
+            ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+            ETA(),
+        ]
+        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
+        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
             tmp = run_dir / "done.json.tmp"
             tmp.write_text(json.dumps({"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,

@@ -32,7 +32,7 @@ def noisy(images, level, seed=1):
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_rises_with_noise(detector):
-    images = natural_images(30)
+    images = natural_images(20)
     reference = metrics.statistics(metrics.extract(detector, images)[0])
     fids = [metrics.fid(metrics.extract(detector, noisy(images, level))[0], reference) for level in (0.0, 0.05, 0.15, 0.4)]
     assert abs(fids[0]) < 1e-3

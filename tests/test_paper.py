@@ -62,7 +62,7 @@ def test_a_second_run_repeats_no_work(paper_run):
     assert "nothing to do" in (runs / "train" / "improved_cars" / "train.log").read_text()
 
 
-@pytest.mark.parametrize("bad, says", [("model=improved", "paper.models=[simple,improved]"), ("paper.models=[fancy]", "paper.models=['fancy']"),
+@pytest.mark.parametrize("bad, says", [("model=improved", "paper.models=[simple,improved]"), ("paper.models=[fancy]", "paper.models=fancy"),
                                        ("paper.data=[]", "paper.data=[]"), ("paper.guidance_ws=[a,1]", "paper.guidance_ws="),
                                        ("paper.samples=0", "paper.samples=0"), ("paper.nope=1", "paper.nope")])
 def test_bad_paper_settings_are_one_line_before_anything_runs(python, tmp_path, bad, says):

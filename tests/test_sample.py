@@ -75,7 +75,8 @@ def test_sample_py_writes_grid_pngs_npz_and_strips(python, smoke_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["classes=[horse]"], "error: classes ['horse'] are not in this checkpoint's subset; choose from automobile, cat"),
-    (["sampler.steps=0"], "error: sampler.steps=0 must lie in 1..T=500"),
+    (["sampler.steps=0"], "error: sampler.steps=0 must be >= 1; set sampler.steps to a value >= 1"),
+    (["sampler.steps=600"], "error: sampler.steps=600 must lie in 1..T=500"),  # T is the checkpoint's: checked when it is loaded
 ])
 def test_sample_py_bad_input(python, smoke_run, tmp_path, args, message):
     run_dir, _ = smoke_run
