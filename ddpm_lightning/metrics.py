@@ -333,16 +333,14 @@ class InceptionScore(Metric):
         return {"is_mean": mean, "is_std": std}
 
 
-class KID(Metric):
-    """KID (Binkowski et al. 2018) against the reference features: unbiased at any N; the subset size is at most N.
-    With ``resamples`` > 0 also its 95% bootstrap interval."""
+class PoolFeatures(Metric):
+    """The pool3 features of the images, gathered over ranks (a cat state) and put back in image order."""
 
     full_state_update = False
 
-    def __init__(self, reference_features: torch.Tensor, subsets: int = 100, subset_size: int = 1000, resamples: int = 0, seed: int = 0):
+    def __init__(self, reference_features: torch.Tensor):
         super().__init__()
         self.reference_features = reference_features
-        self.subsets, self.subset_size, self.resamples, self.seed = subsets, subset_size, resamples, seed
         self.add_state("features", [], dist_reduce_fx="cat")
         self.add_state("index", [], dist_reduce_fx="cat")
 
@@ -350,11 +348,23 @@ class KID(Metric):
         self.features.append(pool)
         self.index.append(index)
 
-    def compute(self) -> dict:
+    def both(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features in image order and the reference features, on the same device."""
         features = ordered(self.features, self.index)
-        reference = self.reference_features.to(features.device)
-        size = min(self.subset_size, len(features), len(reference))
-        mean, std = kid(features, reference, self.subsets, size)
+        return features, self.reference_features.to(features.device)
+
+
+class KID(PoolFeatures):
+    """KID (Binkowski et al. 2018) against the reference features: unbiased at any N; the subset size is at most N.
+    With ``resamples`` > 0 also its 95% bootstrap interval."""
+
+    def __init__(self, reference_features: torch.Tensor, subsets: int = 100, subset_size: int = 1000, resamples: int = 0, seed: int = 0):
+        super().__init__(reference_features)
+        self.subsets, self.subset_size, self.resamples, self.seed = subsets, subset_size, resamples, seed
+
+    def compute(self) -> dict:
+        features, reference = self.both()
+        mean, std = kid(features, reference, self.subsets, min(self.subset_size, len(features), len(reference)))
         out = {"kid_mean": mean, "kid_std": std}
         if self.resamples:
             counts = resample_counts(len(features), self.resamples, self.seed)
@@ -362,26 +372,12 @@ class KID(Metric):
         return out
 
 
-class PrecisionRecall(Metric):
+class PrecisionRecall(PoolFeatures):
     """Improved precision and recall (Kynkaanniemi et al. 2019) against the reference features, torch-fidelity's prc
     (3rd-nearest-neighbour balls): the fidelity/diversity split that guidance trades."""
 
-    full_state_update = False
-
-    def __init__(self, reference_features: torch.Tensor, neighborhood: int = 3):
-        super().__init__()
-        self.reference_features, self.neighborhood = reference_features, neighborhood
-        self.add_state("features", [], dist_reduce_fx="cat")
-        self.add_state("index", [], dist_reduce_fx="cat")
-
-    def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
-        self.features.append(pool)
-        self.index.append(index)
-
     def compute(self) -> dict:
-        features = ordered(self.features, self.index)
-        out = prc_features_to_metric(features, self.reference_features.to(features.device), prc_neighborhood=self.neighborhood,
-                                     prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+        out = prc_features_to_metric(*self.both(), prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
         return {"precision": out["precision"], "recall": out["recall"], "f_score": out["f_score"]}
 
 
