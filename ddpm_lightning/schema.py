@@ -417,7 +417,8 @@ def check(cfg: DictConfig, entry: str) -> None:
         if weights is None or any(x < -1 for x in weights) or entry != "config" and isinstance(w, ListConfig):
             shown = OmegaConf.to_container(w) if isinstance(w, ListConfig) else w
             raise ConfigError(f"guidance.w={shown} must be a number >= -1 (w = -1 is the unconditional model)" +
-                              (", or a list of them such as [0,1,2,4]" if entry == "config" else "") + "; set guidance.w accordingly")
+                              (", or a list of them" if entry == "config" else "") + "; for example guidance.w=2" +
+                              (" or guidance.w=[0,1,2,4]" if entry == "config" else ""))
     if entry == "config":
         relations(cfg)
     for key in ("ckpt",) if entry in ("evaluate", "sample") else ():
@@ -445,11 +446,9 @@ def relations(cfg: DictConfig) -> None:
     if not cfg.model.conditional and (cfg.guidance.p_uncond or any(_weights(cfg.guidance.w) or [])):
         raise ConfigError(f"guidance (w={cfg.guidance.w}, p_uncond={cfg.guidance.p_uncond}) given to the unconditional model; "
                           "use model=improved, or guidance=none with model=simple")
-    if cfg.metrics.kid_subset_size < 2 or cfg.metrics.num_samples < 2:
-        return
-    if cfg.data.max_images is not None and cfg.data.batch_size > cfg.data.max_images * len(cfg.data.classes):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {cfg.data.max_images * len(cfg.data.classes)} "
-                          f"training images that data.max_images={cfg.data.max_images} leaves; lower data.batch_size")
+    if cfg.data.max_images is not None and cfg.data.batch_size > cfg.data.max_images:  # max_images: of the whole subset
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {cfg.data.max_images} training images that "
+                          f"data.max_images={cfg.data.max_images} leaves at most; lower data.batch_size")
 
 
 # ---- documentation -------------------------------------------------------------------------------------------------

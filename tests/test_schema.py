@@ -138,7 +138,7 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["-m", "trainer.devices=1,0", "model=simple,improved"], "trainer.devices=0 must be a whole number >= 1 or auto"),
     ("config", ["-m", "data=cars,five_class,nope"], "Could not find 'data/nope'"),
     ("evaluate", ["guidance.w=abc"], "guidance.w=abc must be a number >= -1"),
-    ("evaluate", ["guidance.w=[1,2]"], "guidance.w=[1, 2] must be a number >= -1 (w = -1 is the unconditional model); set"),
+    ("evaluate", ["guidance.w=[1,2]"], "guidance.w=[1, 2] must be a number >= -1 (w = -1 is the unconditional model); for example guidance.w=2"),
     ("evaluate", ["metrics.num_samples=0"], "metrics.num_samples=0 must be >= 2"),
     ("evaluate", ["device=gpu7"], "device=gpu7 must be auto, cpu, cuda, cuda:N or mps"),
     ("evaluate", ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0 must be >= 1"),
