@@ -517,6 +517,9 @@ def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: 
             preview.append((torch.arange(start, start + size, device=images.device)[: 64 - start], images[: 64 - start]))
         if progress:
             progress(min(done * world, chunks), chunks)
+    if rank >= chunks:  # more ranks than chunks: this one made none, and adds empty states of the right shapes to the sync
+        collection.update(pool=torch.zeros(0, 2048, device=device), logits=torch.zeros(0, 1008, device=device),
+                          index=torch.zeros(0, dtype=torch.long, device=device))
     index = torch.cat([i for i, _ in preview]) if preview else torch.zeros(0, dtype=torch.long, device=module.device)
     images = torch.cat([x for _, x in preview]) if preview else torch.zeros(0, 3, *[module.hparams.image_size] * 2, dtype=torch.uint8, device=module.device)
     if world > 1:  # the first 64 images may come from several ranks

@@ -186,6 +186,7 @@ def test_second_evaluation_computes_no_reference_features(detector, tmp_path, mo
 
 def _rank_worker(rank, world, detector_file, out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     scores = _scores(detector_file)
     if rank == 0:
@@ -200,13 +201,13 @@ def _scores(detector_file):
     detector = metrics.load_inception(str(detector_file))
     reference = reference_of(detector, natural_images(16))
     scores, preview = metrics.evaluate(m, detector, reference, num_samples=10, w=1.0, settings={**SETTINGS, "kid_subset_size": 8},
-                                       batch_size=3)
+                                       batch_size=5)  # two chunks: over three ranks, one rank makes none
     return {**scores, "preview_sum": preview.sum().item(), "preview_len": len(preview)}
 
 
-def test_two_ranks_give_the_single_process_scores(detector_file, tmp_path):
+def test_three_ranks_give_the_single_process_scores(detector_file, tmp_path):
     out = tmp_path / "ddp.json"
-    mp.spawn(_rank_worker, args=(2, detector_file, out, 29500 + os.getpid() % 1000), nprocs=2)
+    mp.spawn(_rank_worker, args=(3, detector_file, out, 29500 + os.getpid() % 1000), nprocs=3)
     single = _scores(detector_file)
     ddp = json.loads(out.read_text())
     assert set(ddp) == set(single)
