@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm_lightning import schema  # noqa: F401  (registers the settings' schema with Hydra's ConfigStore)
+from ddpm_lightning import schema  # importing it registers the schema with Hydra's ConfigStore, before any composition
 from ddpm_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

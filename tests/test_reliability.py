@@ -227,6 +227,7 @@ def test_every_torch_load_in_the_project_is_weights_only():
     assert len(calls) >= 5 and all("weights_only=True" in call for _, call in calls), calls
 
 
+@pytest.mark.slow  # the default suite keeps the bit-exact resume tests (training) and sample.py's same-seed test (sampling)
 def test_same_seed_same_losses_and_samples(python, tmp_path):
     root = make_cifar(tmp_path / "cifar")
     outs = []
