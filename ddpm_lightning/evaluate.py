@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> None:
         m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
         m.reference_split, m.reference_images, m.cache_dir, m.batch_size, module.device)
 
-    settings = {k: m[k] for k in metrics.SETTINGS}
+    settings = metrics.settings_of(m)
     test_images = load_subset(folder, hp.class_names, "test")[0]
     start = time.perf_counter()
     floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size)
@@ -92,13 +92,15 @@ def run(cfg: DictConfig) -> None:
     log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
 
 
+def ci(r: dict, name: str, scale: float = 1.0) -> str:
+    """' [low, high]' of a result's 95% interval of ``name`` (fid, kid), scaled, or '' when it has none."""
+    low_high = r.get(f"{name}_ci95")
+    return f" [{low_high[0] * scale:.2f}, {low_high[1] * scale:.2f}]" if low_high else ""
+
+
 def describe(r: dict) -> str:
     """One line of an evaluation's numbers: FID and KID with their 95% intervals, the floor, IS, precision/recall."""
-    def ci(name, scale=1.0, digits=2):
-        low_high = r.get(f"{name}_ci95")
-        return f" [{low_high[0] * scale:.{digits}f}, {low_high[1] * scale:.{digits}f}]" if low_high else ""
-
-    text = (f"FID {r['fid']:.2f}{ci('fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci('kid', 1e3)} "
+    text = (f"FID {r['fid']:.2f}{ci(r, 'fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci(r, 'kid', 1e3)} "
             f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})")
     if r.get("precision") is not None:
         text += f", precision {r['precision']:.3f}, recall {r['recall']:.3f}"
@@ -151,10 +153,6 @@ class SweepSummary(Callback):
 
 def summary_table(rows: list[dict]) -> str:
     """Markdown: per row w, sampler, N, FID and KID (x1e3) with their 95% intervals, the floor, IS, precision/recall."""
-    def ci(r, name, scale=1.0):
-        low_high = r.get(f"{name}_ci95")
-        return f" [{low_high[0] * scale:.2f}, {low_high[1] * scale:.2f}]" if low_high else ""
-
     prc = any(r.get("precision") is not None for r in rows)
     lines = ["| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS |" + (" precision | recall |" if prc else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if prc else "")]

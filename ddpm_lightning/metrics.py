@@ -269,16 +269,27 @@ def interval(resampled: torch.Tensor, value: float) -> list[float]:
     return [value + low - median, value + high - median]
 
 
-def ordered(values, index) -> torch.Tensor:
-    """A gathered list state in image order (each rank gathers its own chunks; the order is by image index)."""
-    return dim_zero_cat(values)[dim_zero_cat(index).argsort()]
-
-
-class FID(Metric):
-    """FID (paper eq. 11) against the reference statistics, from float64 sums of the pool3 features and of their outer
-    products, all-reduced over ranks; with ``resamples`` > 0 also the features (gathered), for the 95% interval."""
+class InImageOrder(Metric):
+    """Per-image values gathered over ranks (a cat state) with each image's index, to be put back in image order."""
 
     full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("values", [], dist_reduce_fx="cat")
+        self.add_state("index", [], dist_reduce_fx="cat")
+
+    def add(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        self.values.append(values)
+        self.index.append(index)
+
+    def in_order(self) -> torch.Tensor:
+        return dim_zero_cat(self.values)[dim_zero_cat(self.index).argsort()]
+
+
+class FID(InImageOrder):
+    """FID (paper eq. 11) against the reference statistics, from float64 sums of the pool3 features and of their outer
+    products, all-reduced over ranks; with ``resamples`` > 0 also the features in image order, for the 95% interval."""
 
     def __init__(self, reference: dict, resamples: int = 0, seed: int = 0, dim: int = 2048):
         super().__init__()
@@ -287,9 +298,6 @@ class FID(Metric):
         self.add_state("feature_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("outer_sum", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        if resamples:
-            self.add_state("features", [], dist_reduce_fx="cat")
-            self.add_state("index", [], dist_reduce_fx="cat")
 
     def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
         x = pool.double()
@@ -297,8 +305,7 @@ class FID(Metric):
         self.outer_sum += x.T @ x
         self.count += len(x)
         if self.resamples:
-            self.features.append(pool)
-            self.index.append(index)
+            self.add(pool, index)
 
     def compute(self) -> dict:
         n = self.count
@@ -307,50 +314,40 @@ class FID(Metric):
         value = fid_statistics_to_metric({"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}, self.reference, verbose=False)
         out = {"fid": value["frechet_inception_distance"]}
         if self.resamples:
-            features = ordered(self.features, self.index)
+            features = self.in_order()
             counts = resample_counts(len(features), self.resamples, self.seed)
             out["fid_ci95"] = interval(fid_of_resamples(features, counts, self.reference), out["fid"])
         return out
 
 
-class InceptionScore(Metric):
+class InceptionScore(InImageOrder):
     """IS (paper eq. 12) of the gathered logits, in image order, with torch-fidelity's splits and shuffle."""
-
-    full_state_update = False
 
     def __init__(self, splits: int = 10):
         super().__init__()
         self.splits = splits
-        self.add_state("logits", [], dist_reduce_fx="cat")
-        self.add_state("index", [], dist_reduce_fx="cat")
 
     def update(self, logits: torch.Tensor, index: torch.Tensor) -> None:
-        self.logits.append(logits)
-        self.index.append(index)
+        self.add(logits, index)
 
     def compute(self) -> dict:
-        mean, std = inception_score(ordered(self.logits, self.index), self.splits)
+        mean, std = inception_score(self.in_order(), self.splits)
         return {"is_mean": mean, "is_std": std}
 
 
-class PoolFeatures(Metric):
-    """The pool3 features of the images, gathered over ranks (a cat state) and put back in image order."""
-
-    full_state_update = False
+class PoolFeatures(InImageOrder):
+    """The pool3 features of the images in image order, against the reference features."""
 
     def __init__(self, reference_features: torch.Tensor):
         super().__init__()
         self.reference_features = reference_features
-        self.add_state("features", [], dist_reduce_fx="cat")
-        self.add_state("index", [], dist_reduce_fx="cat")
 
     def update(self, pool: torch.Tensor, index: torch.Tensor) -> None:
-        self.features.append(pool)
-        self.index.append(index)
+        self.add(pool, index)
 
     def both(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The features in image order and the reference features, on the same device."""
-        features = ordered(self.features, self.index)
+        features = self.in_order()
         return features, self.reference_features.to(features.device)
 
 
@@ -381,7 +378,9 @@ class PrecisionRecall(PoolFeatures):
         return {"precision": out["precision"], "recall": out["recall"], "f_score": out["f_score"]}
 
 
-SETTINGS = ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")  # the metrics.* keys the numbers depend on
+def settings_of(m) -> dict:
+    """What the numbers depend on beyond N and the reference, from the metrics.* settings."""
+    return {k: m[k] for k in ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")}
 
 
 def metric_collection(detector: Inception, reference: dict, num_images: int, settings: dict) -> MetricCollection:
@@ -471,7 +470,7 @@ def floor(detector: Inception, reference: dict, test_images: torch.Tensor, num_s
                     f"{num_samples}; the floor is computed at N={len(test_images)} and is higher than at N={num_samples}")
     images = test_images[:num_samples]
     key = {"reference": reference["name"], "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
-           "settings": {k: settings[k] for k in ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")}}
+           "settings": settings_of(settings)}
     path = Path(cache_dir) / f"floor_{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())["scores"]

@@ -84,12 +84,8 @@ def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Ince
     device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
     detector, reference = metrics.detector_and_reference(m.inception_weights, data.classes, images, m.reference_split, m.reference_images,
                                                          m.cache_dir, m.batch_size, device)
-    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metric_settings(cfg), m.cache_dir, m.batch_size)
+    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metrics.settings_of(cfg.metrics), m.cache_dir, m.batch_size)
     return detector, reference, floor
-
-
-def metric_settings(cfg: DictConfig) -> dict:
-    return {k: cfg.metrics[k] for k in metrics.SETTINGS}
 
 
 def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
@@ -100,7 +96,7 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
         log.info("trainer.fast_dev_run: no FID evaluation (it needs the reference statistics and num_samples images)")
         return []
     detector, reference, floor = load_reference(cfg, data)
-    return [FIDCallback(detector, reference, floor, every, cfg.metrics.num_samples, guidance_weights(cfg), metric_settings(cfg),
+    return [FIDCallback(detector, reference, floor, every, cfg.metrics.num_samples, guidance_weights(cfg), metrics.settings_of(cfg.metrics),
                         cfg.metrics.batch_size)]
 
 
