@@ -17,6 +17,8 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
 from ddpm_lightning import metrics
+from ddpm_lightning.cluster import SIGNALS, Preempted
+from ddpm_lightning.errors import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,13 @@ class SampleGrid(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        if trainer.fast_dev_run:  # the path, not the picture: one image per class, two DDIM steps
-            grid, caption = sample_grid(pl_module, 1, 1, self.seed, {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform"})
-        else:
-            grid, caption = sample_grid(pl_module, self.n_per_class, self.n, self.seed)
+        try:
+            if trainer.fast_dev_run:  # the path, not the picture: one image per class, two DDIM steps
+                grid, caption = sample_grid(pl_module, 1, 1, self.seed, {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform"})
+            else:
+                grid, caption = sample_grid(pl_module, self.n_per_class, self.n, self.seed)
+        except Interrupted:  # a preemption signal: callbacks.Preemption stops the run at the end of this validation
+            return
         save_png(grid, Path(trainer.default_root_dir) / "samples" / f"epoch_{trainer.current_epoch:04d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -91,7 +96,10 @@ class FIDCallback(L.Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         for w in self.guidance_ws:
-            scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
+            try:
+                scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
+            except Interrupted:  # on every rank (metrics.evaluate agrees on it): Preemption stops the run after this validation
+                return
             scores = {**scores, "fid_floor": self.floor["fid"], "kid_floor": self.floor["kid_mean"]}
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
@@ -233,35 +241,42 @@ def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
 
 
-class Preempted(Exception):
-    """Raised after a preemption checkpoint: it ends fit() at once, so no epoch-end save overwrites the mid-epoch
-    checkpoint; train.run reports it and exits cleanly."""
-
-
 class Preemption(L.Callback):
-    """SIGTERM, or SIGUSR1 (which SLURM sends before a requeue): save last.ckpt after the current step and stop
-    cleanly (exit code 0); ``ckpt_path=last`` (or rerunning in the same run dir) continues from there. Under DDP the
-    ranks agree every ``sync_every`` steps, so that all of them stop at the same step."""
+    """Acts on a preemption signal (SIGUSR2 or $SUBMITIT_PREEMPT_SIGNAL, SIGUSR1, SIGTERM; cluster.SIGNALS records it):
+    every rank stops at the same point, rank 0 writes last.ckpt (atomically, Lightning's writer) and cluster.Preempted
+    ends fit(), so no epoch-end save overwrites it. The points: the next training step (under DDP the ranks agree every
+    ``sync_every`` steps), or the end of the validation in progress, whose sample grid and FID sampling stop at their
+    next sampler step (DiffusionModule.stop_requested) and log nothing. train.run requeues the job and exits."""
 
     def __init__(self, last_ckpt: Path, sync_every: int = 10):
         self.last_ckpt, self.sync_every = Path(last_ckpt), sync_every
-        self.received = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        SIGNALS.install()
+        pl_module.stop_requested = SIGNALS.requested
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # installed after Lightning's own SIGTERM handler (which would end the run with an exception) and instead of it
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handler)
+        SIGNALS.install()  # again: Lightning registered its own SIGTERM handler when fit started; one owner per signal
+        SIGNALS.armed = True
 
-    def _handler(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        SIGNALS.armed = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        stop = self.received is not None
+        if trainer.world_size > 1 and trainer.global_step % self.sync_every:
+            return
+        self.stop_if_requested(trainer, "after")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # after the grid, FID and the EMA swap-back (callbacks before this one)
+            self.stop_if_requested(trainer, "during the validation after")
+
+    def stop_if_requested(self, trainer: L.Trainer, where: str) -> None:
+        stop = SIGNALS.requested()
         if trainer.world_size > 1:
-            if trainer.global_step % self.sync_every:
-                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             trainer.save_checkpoint(self.last_ckpt)
-            raise Preempted(f"{self.received or 'a signal on another rank'}: saved {self.last_ckpt} at step {trainer.global_step} "
-                            f"(epoch {trainer.current_epoch}) and stopped; resume with ckpt_path=last")
+            signum = SIGNALS.received or signal.SIGTERM
+            raise Preempted(signum, f"{SIGNALS.received.name if SIGNALS.received else 'a signal on another rank'} {where} "
+                                    f"step {trainer.global_step} (epoch {trainer.current_epoch}): saved {self.last_ckpt} and stopped")

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class NonFiniteLoss(ConfigError):
     """Training met too many non-finite losses in a row; the message names the step, the epoch and the way on."""
+
+
+class Interrupted(Exception):
+    """A sampling loop stopped at a step because a preemption signal arrived; its images were not made."""

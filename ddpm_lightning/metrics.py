@@ -26,7 +26,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.errors import ConfigError, Interrupted
 
 log = logging.getLogger(__name__)
 FEATURES = ["2048", "logits_unbiased"]  # pool3 features for FID, logits for IS
@@ -498,24 +498,35 @@ def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: 
 
     The images come in chunks of ``batch_size``; chunk k is generated with its own seed (settings['seed'], k), so a
     chunk's images do not depend on which rank makes it; rank r makes chunks r, r + world, ..., and the metric
-    states sync over ranks, so every rank gets the numbers one process would."""
+    states sync over ranks, so every rank gets the numbers one process would. When the module's sampling is stopped
+    (a preemption signal), every rank raises Interrupted at the same point, before the metrics sync."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(detector.parameters()).device
     collection = metric_collection(detector, reference, num_samples, settings)
     labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
     chunks = math.ceil(num_samples / batch_size)
-    preview = []
+    preview, stopped = [], False
     for done, k in enumerate(range(rank, chunks, world), 1):
         start, size = k * batch_size, min(batch_size, num_samples - k * batch_size)
         g = torch.Generator(module.device).manual_seed(settings["seed"] * 1_000_003 + k)
         y = None if labels is None else labels[start : start + size]
-        images = module.sample(n=size, labels=y, w=w, sampler=sampler, generator=g, batch_size=size)
+        try:
+            images = module.sample(n=size, labels=y, w=w, sampler=sampler, generator=g, batch_size=size)
+        except Interrupted:
+            stopped = True
+            break
         pool, logits = detector(images.to(device))
         collection.update(pool=pool, logits=logits, index=torch.arange(start, start + size, device=device))
         if start < 64:
             preview.append((torch.arange(start, start + size, device=images.device)[: 64 - start], images[: 64 - start]))
         if progress:
             progress(min(done * world, chunks), chunks)
+    if world > 1:  # every rank takes part in this before the metrics sync, so a rank that stopped early meets the others here
+        flag = torch.tensor([float(stopped)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopped = bool(flag.item())
+    if stopped:
+        raise Interrupted("a preemption signal arrived during the evaluation")
     if rank >= chunks:  # more ranks than chunks: this one made none, and adds empty states of the right shapes to the sync
         collection.update(pool=torch.zeros(0, 2048, device=device), logits=torch.zeros(0, 1008, device=device),
                           index=torch.zeros(0, dtype=torch.long, device=device))

@@ -11,7 +11,7 @@ from ddpm_lightning.data import step_seed
 from ddpm_lightning.diffusion.guidance import drop_labels, guided
 from ddpm_lightning.diffusion.samplers import StepCallback, get_sampler
 from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
-from ddpm_lightning.errors import ConfigError, NonFiniteLoss
+from ddpm_lightning.errors import ConfigError, Interrupted, NonFiniteLoss
 from ddpm_lightning.nets.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class DiffusionModule(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         self.compiled: dict = {}  # "train" / "sample": the compiled U-Net (not a submodule), or the U-Net after a failure
+        self.stop_requested = None  # during training, callbacks.Preemption's test: sampling stops at the next step when true
 
     def setup(self, stage: str) -> None:
         """torch.compile for training, after Lightning's EMA callback has copied the module."""
@@ -155,9 +156,22 @@ class DiffusionModule(L.LightningModule):
             size = min(batch_size, n - start)
             y = labels[start : start + size] if hp.conditional else None
             x_T = torch.randn((size, 3, hp.image_size, hp.image_size), device=self.device, generator=generator)
-            eps_fn = guided(self.forward_sample, y, w, self.net.null_class)
+            eps_fn = stoppable(guided(self.forward_sample, y, w, self.net.null_class), self.stop_requested)
             out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, callback=callback, **settings)))
         return torch.cat(out)
+
+
+def stoppable(eps_fn, stop_requested):
+    """eps_fn that raises Interrupted, before the next sampler step, once ``stop_requested()`` is true."""
+    if stop_requested is None:
+        return eps_fn
+
+    def checked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if stop_requested():
+            raise Interrupted("a preemption signal arrived while sampling")
+        return eps_fn(x, t)
+
+    return checked
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -98,7 +98,8 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = setting("Lightning's accelerator", ["auto", "cpu", "gpu", "cuda", "mps"])
-    devices: Any = setting("devices per node: a number >= 1 or auto")
+    devices: Any = setting("devices per node: a number >= 1 or auto (a whole number under hydra/launcher=slurm or local)")
+    num_nodes: int = setting("nodes (machines) of one run, for multi-node DDP under SLURM")
     strategy: str = setting("Lightning's strategy", ["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"])
     precision: str = setting("Lightning's precision (default bf16-mixed on a GPU)",
                              ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"])
@@ -111,6 +112,7 @@ class TrainerConfig:
     deterministic: bool = setting("deterministic algorithms only")
     fast_dev_run: bool = setting("one training and one validation batch, a one-image-per-class grid, no FID")
     max_nonfinite: int = setting("consecutive non-finite losses (updates skipped) before training stops")
+    process_group_timeout: int = setting("seconds a rank waits for the others in a collective before the run stops (a rank died)")
 
 
 @dataclass
@@ -327,6 +329,8 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "trainer.limit_val_batches": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count > 1"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
     "trainer.max_nonfinite": (lambda v: v >= 1, ">= 1"),
+    "trainer.num_nodes": (lambda v: v >= 1, ">= 1"),
+    "trainer.process_group_timeout": (lambda v: v >= 10, ">= 10 (seconds)"),
     "trainer.max_time": (lambda v: len(v.split(":")) == 4 and all(p.isdigit() for p in v.split(":")), "DD:HH:MM:SS",
                          "for example trainer.max_time=00:12:00:00 stops after 12 hours"),
     "callbacks.sample_grid.n_per_class": (lambda v: v >= 1, ">= 1"),

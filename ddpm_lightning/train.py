@@ -13,9 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning import metrics
+from ddpm_lightning import cluster, metrics
 from ddpm_lightning.cli import startup
-from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preempted, Preemption, ProgressBar, SampleGrid, last_checkpoint
+from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preemption, ProgressBar, SampleGrid, last_checkpoint
+from ddpm_lightning.cluster import SIGNALS, Preempted
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
@@ -68,11 +69,16 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> str 
     return str(path)
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """One W&B run per run dir: the id is kept in the run dir, so a resumed run logs to the same W&B run."""
+def wandb_run_id(run_dir: Path) -> str | None:
+    """One W&B run per run dir: the id is kept in the run dir, so a resumed (or requeued) run logs to the same W&B run.
+    Rank 0 keeps it; the other ranks log nothing to W&B."""
+    if cluster.global_rank() != 0:
+        return None
     path = run_dir / "wandb_id.txt"
     if not path.is_file():
-        path.write_text(secrets.token_hex(4))
+        tmp = path.with_name(f"wandb_id.txt.tmp{os.getpid()}")
+        tmp.write_text(secrets.token_hex(4))
+        tmp.replace(path)
     return path.read_text().strip()
 
 
@@ -155,6 +161,21 @@ def run(cfg: DictConfig) -> None:
                  "nothing to do (raise trainer.max_epochs to train on, or use another run dir)")
         return
     start = time.perf_counter()
+    SIGNALS.install()  # from here on a preemption signal stops the run (at once until training starts)
+    try:
+        fit(cfg, run_dir, start)
+    except Preempted as e:
+        done = cluster.requeue(e.signum) if cluster.global_rank() == 0 else "rank 0 requeues the job"
+        log.warning(f"{e}; {done}; exit code {cluster.exit_code(e.signum)} (a rerun in {run_dir} resumes from its last.ckpt)")
+        raise SystemExit(cluster.exit_code(e.signum)) from None
+    finally:
+        if cfg.logger.wandb is not None:
+            import wandb
+
+            wandb.finish()
+
+
+def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
     with startup("building the run", cfg=cfg):  # until the first training step: any failure is one line, and nothing is trained
         L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
         data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
@@ -172,20 +193,16 @@ def run(cfg: DictConfig) -> None:
             ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
             ETA(),
         ]
-        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "max_nonfinite"}
+        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                        if k not in ("max_nonfinite", "process_group_timeout")}
+        trainer_args |= cluster.trainer_environment(cfg)
         trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
-    try:
-        with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg):
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
-            tmp = run_dir / "done.json.tmp"
-            tmp.write_text(json.dumps({"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
-                                       "seconds_this_process": round(time.perf_counter() - start, 1)}))
-            tmp.replace(run_dir / "done.json")
-    except Preempted as e:
-        log.warning(str(e))
-    finally:
-        if cfg.logger.wandb is not None:
-            import wandb
-
-            wandb.finish()
+        if trainer.world_size > 1:
+            log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
+    with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
+        tmp = run_dir / "done.json.tmp"
+        tmp.write_text(json.dumps({"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
+                                   "seconds_this_process": round(time.perf_counter() - start, 1)}))
+        tmp.replace(run_dir / "done.json")
