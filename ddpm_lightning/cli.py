@@ -96,6 +96,8 @@ def preflight(config_name: str, argv: list[str]) -> None:
                 except ConfigError as e:
                     job = " ".join(o for o in overrides if o.split("=")[0] in swept)
                     raise ConfigError(f"{e} [in the sweep job {job}]" if multirun and len(jobs) > 1 else str(e)) from None
+            if config_name == "config":
+                check_launcher(cfg, multirun, swept)
             out = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
     except ConfigError:
         raise
@@ -108,6 +110,48 @@ def preflight(config_name: str, argv: list[str]) -> None:
               "with evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
         writable_dir(out)  # the default dirs are made by Hydra itself
+
+
+def check_launcher(cfg, multirun: bool, swept: list[str]) -> None:
+    """Where train.py's jobs run: hydra/launcher=slurm or local start one task per device (trainer.devices a number, the
+    same for every job of the sweep, and equal to the launcher's tasks_per_node); under the basic launcher, a sweep of
+    multi-process DDP jobs is refused (Lightning would relaunch the whole sweep in every rank)."""
+    t, launcher = cfg.trainer, cfg.hydra.launcher
+    target = str(launcher.get("_target_", ""))
+    submitit = target.endswith(("SlurmLauncher", "LocalLauncher"))
+    choice = "slurm" if target.endswith("SlurmLauncher") else "local"
+    if submitit and not multirun:
+        raise ConfigError(f"hydra/launcher={cfg.hydra.runtime.choices.get('hydra/launcher', choice)} takes effect with -m "
+                          "(every job of the sweep is submitted); add -m")
+    if submitit:
+        if t.devices == "auto":
+            raise ConfigError(f"hydra/launcher={choice} starts one task per device: set trainer.devices to a number (e.g. 4), not auto")
+        for key in ("trainer.devices", "trainer.num_nodes"):
+            if key in swept:
+                raise ConfigError(f"{key} is swept, but hydra/launcher={choice} asks for one size of job for the whole sweep; "
+                                  f"run one sweep per {key}")
+        if launcher.tasks_per_node != t.devices:
+            raise ConfigError(f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} but trainer.devices={t.devices}: Lightning needs one "
+                              f"task per device; drop hydra.launcher.tasks_per_node (it follows trainer.devices)")
+        if choice == "slurm" and launcher.nodes != t.num_nodes:
+            raise ConfigError(f"hydra.launcher.nodes={launcher.nodes} but trainer.num_nodes={t.num_nodes}; drop hydra.launcher.nodes "
+                              "(it follows trainer.num_nodes)")
+        if choice == "local" and t.num_nodes != 1:
+            raise ConfigError(f"trainer.num_nodes={t.num_nodes} with hydra/launcher=local, which runs on this machine; use "
+                              "hydra/launcher=slurm for several nodes")
+    elif multirun and str(t.strategy).startswith("ddp") and (t.num_nodes > 1 or processes_per_node(t) > 1):
+        raise ConfigError(f"train.py -m with trainer.strategy={t.strategy} and {processes_per_node(t)} devices: Lightning would relaunch "
+                          "the whole sweep in every rank; run the sweep with hydra/launcher=local (this machine, one process per "
+                          "device) or hydra/launcher=slurm, or drop -m")
+
+
+def processes_per_node(t) -> int:
+    """The processes Lightning's DDP starts on a node: trainer.devices, or for auto the GPUs it would take (else 1)."""
+    if t.devices != "auto":
+        return int(t.devices)
+    import torch
+
+    return torch.cuda.device_count() if t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
 
 
 def flat_settings(cfg, prefix: str = "") -> dict:
@@ -145,4 +189,8 @@ def startup(what: str, applies=lambda: True, cfg=None):
 
 def main_entry(main, config_name: str) -> None:
     preflight(config_name, sys.argv[1:])
+    rank = os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else os.environ.get("RANK")
+    if rank not in (None, "0") and not any(a in ("-m", "--multirun") for a in sys.argv):
+        # one of the ranks that srun or torchrun started: the run dir is rank 0's; no second copy of .hydra, its own log file
+        sys.argv += ["hydra.output_subdir=null", f"hydra.job.name={Path(sys.argv[0]).stem}_rank{rank}"]
     main()

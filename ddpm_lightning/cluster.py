@@ -189,3 +189,34 @@ def lost_ranks(trainer, run_dir):
               f"({type(e).__name__}: {text[:160]}); a rank died or hung. {run_dir / 'checkpoints' / 'last.ckpt'} is the last whole "
               f"checkpoint: rerun the same command to resume", file=sys.stderr)
         sys.exit(1)
+
+
+def launcher_environment():
+    """Lightning's environment for the ranks that srun or torchrun started (evaluate.py), or None for one process."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    env = SLURMEnvironment() if SLURMEnvironment.detect() else TorchElasticEnvironment() if TorchElasticEnvironment.detect() else None
+    return env if env is not None and env.world_size() > 1 else None
+
+
+def rank_device(device: str) -> str:
+    """This rank's device: cuda:<local rank> when there are several ranks on a GPU machine."""
+    import torch
+
+    env = launcher_environment()
+    if env is None or device == "cpu" or not torch.cuda.is_available():
+        return device
+    torch.cuda.set_device(env.local_rank())
+    return f"cuda:{env.local_rank()}"
+
+
+def start_ranks(device: str, timeout_s: int = 300) -> tuple[int, int]:
+    """torch.distributed over the ranks that srun or torchrun started (NCCL on GPUs, else gloo); (rank, world size)."""
+    import torch.distributed as dist
+
+    env = launcher_environment()
+    if env is None:
+        return 0, 1
+    dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo", init_method=f"tcp://{env.main_address}:{env.main_port}",
+                            rank=env.global_rank(), world_size=env.world_size(), timeout=timedelta(seconds=timeout_s))
+    return env.global_rank(), env.world_size()

@@ -9,13 +9,14 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from ddpm_lightning import metrics
+from ddpm_lightning import cluster, metrics
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> None:
             log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
             return
     m = cfg.metrics
-    module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
+    module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
         raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
@@ -76,10 +77,17 @@ def run(cfg: DictConfig) -> None:
     if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
         scores, sampler, preview = floor, {"name": "real test images"}, None
     else:
-        with Progress() as bar:
-            task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}", total=m.num_samples)
-            scores, preview = metrics.evaluate(module, detector, reference, m.num_samples, w, settings, m.batch_size, sampler,
-                                               progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples))
+        rank, world = cluster.start_ranks(module.device)  # under srun or torchrun: the images split over the ranks
+        try:
+            with Progress(disable=rank > 0) as bar:
+                task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}" + (f", {world} ranks" if world > 1 else ""), total=m.num_samples)
+                scores, preview = metrics.evaluate(module, detector, reference, m.num_samples, w, settings, m.batch_size, sampler,
+                                                   progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples))
+        finally:
+            if world > 1:
+                torch.distributed.destroy_process_group()
+        if rank > 0:  # the same numbers as rank 0's (the metric states are synced); rank 0 writes them
+            return
     num_samples = floor["num_samples"] if cfg.real else m.num_samples
     scores = {k: v for k, v in scores.items() if k != "num_samples"}
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
