@@ -251,16 +251,14 @@ class Preemption(L.Callback):
     def __init__(self, last_ckpt: Path, sync_every: int = 10):
         self.last_ckpt, self.sync_every = Path(last_ckpt), sync_every
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        SIGNALS.install()
-        pl_module.stop_requested = SIGNALS.requested
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         SIGNALS.install()  # again: Lightning registered its own SIGTERM handler when fit started; one owner per signal
         SIGNALS.armed = True
+        pl_module.stop_requested = SIGNALS.requested
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         SIGNALS.armed = False
+        pl_module.stop_requested = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.world_size > 1 and trainer.global_step % self.sync_every:

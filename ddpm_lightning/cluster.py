@@ -95,9 +95,9 @@ def requeue(signum: int) -> str:
         return "not requeued (SIGTERM: scancel, or a preemption that SLURM requeues by itself)"
     submitit_handler = SIGNALS.submitit_handler()
     if submitit_handler is not None:
-        log.warning("requeueing through submitit")
-        submitit_handler(signum, None)  # raises SystemExit after the requeue
-        return "requeued by submitit"
+        log.warning("requeueing through submitit (it pickles the job for its rerun, requeues it and exits)")
+        submitit_handler(signum, None)  # on rank 0 it exits (or raises when the job timed out too often)
+        return "not requeued (submitit's handler returned)"
     job = slurm_job_id()
     if job is None:
         return "not requeued (not a SLURM job)"

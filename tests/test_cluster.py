@@ -1,0 +1,306 @@
+"""Clusters without a cluster: two processes with SLURM's variables (Lightning's SLURMEnvironment), a fake srun and
+scontrol on PATH, and submitit's local executor. Preemption signals, requeue, resume, a dead rank, the launchers."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_cifar
+from test_reliability import assert_same_training_state, load, wait_for
+
+FAKE_SLURM = ROOT / "tests" / "fake_slurm"
+
+
+def train_args(root: Path, run_dir: Path, *extra: str, logger: str = "csv") -> list[str]:
+    """A two-rank CPU DDP run of the smoke preset: 25 steps per epoch (100 images, batch 4 per rank)."""
+    return ["experiment=smoke", "model=improved", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
+            "data.batch_size=4", "trainer.check_val_every_n_epoch=2", f"logger={logger}", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", f"hydra.run.dir={run_dir}", *extra] + (["logger.wandb.online=false"] if logger == "wandb" else [])
+
+
+def slurm_env(tmp: Path, job: str, **more: str) -> dict:
+    """What sbatch gives a job of 2 tasks on one node, with the fake SLURM tools first on PATH."""
+    return {**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp / "scontrol.log"), "SLURM_JOB_ID": job,
+            "SLURM_JOB_NAME": "ddpm", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "127.0.0.1", "SLURM_STEP_ID": "0", **more}
+
+
+def new_job_id() -> str:
+    return str(random.randint(1000, 9999))  # Lightning's port is 10000 + the job id's last 4 digits: no clash between tests
+
+
+def start_ranks(python: str, args: list[str], env: dict) -> list[subprocess.Popen]:
+    """The two tasks that srun would start: SLURM_PROCID/SLURM_LOCALID 0 and 1."""
+    return [subprocess.Popen([python, str(ROOT / "train.py"), *args], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    return [p.communicate(timeout=timeout)[0] for p in procs]
+
+
+def tasks_of(marker: str) -> list[int]:
+    """The python processes of train.py whose command line holds ``marker`` (not the shells around them)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and "python" in Path(argv[0]).name and any(a.endswith("train.py") for a in argv) and any(marker in a for a in argv):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def slurm_reference(tmp_path_factory, python):
+    """An uninterrupted two-rank run under SLURM's variables: 4 epochs of 25 steps."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    root = make_cifar(tmp / "cifar", n_train=100)
+    procs = start_ranks(python, train_args(root, tmp / "reference", "trainer.max_epochs=4"), slurm_env(tmp, new_job_id()))
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "2 ranks on 1 node(s), from SLURMEnvironment" in outs[0]
+    return root, load(tmp / "reference" / "checkpoints" / "last.ckpt")
+
+
+def test_sigusr2_on_slurm_saves_requeues_and_the_requeued_job_ends_bit_exact(python, slurm_reference, tmp_path):
+    root, reference = slurm_reference
+    job, run_dir = new_job_id(), tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    env = slurm_env(tmp_path, job)
+    args = train_args(root, run_dir, "trainer.max_epochs=4", logger="wandb")
+    procs = start_ranks(python, args, env)
+    wait_for(lambda: last.is_file() or any(p.poll() is not None for p in procs))
+    time.sleep(1.0)  # into epoch 1
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)  # submitit's signal, to every task (as SLURM sends --signal)
+    outs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [128 + signal.SIGUSR2] * 2, outs[0][-3000:]  # not "completed"
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == [f"requeue {job}"]  # by rank 0 alone
+    assert f"requeued (scontrol requeue {job})" in outs[0] and "rank 0 requeues the job" in outs[1]
+    stopped = load(last)["global_step"]
+    assert 25 <= stopped < 100
+    procs = start_ranks(python, args, env)  # the requeued job: the same command in the same dir
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert f"resuming from {last}" in outs[0]
+    assert_same_training_state(load(last), reference)
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()  # one W&B run, from rank 0, resumed by the requeued job
+    assert {r.name.rsplit("-", 1)[1] for r in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
+
+
+def test_a_signal_during_the_sample_grid_stops_every_rank_within_seconds(python, slurm_reference, tmp_path):
+    """SIGUSR1 (plain sbatch --signal=USR1@90) while rank 0 draws a long ancestral sample grid at the end of epoch 1."""
+    root, _ = slurm_reference
+    job, run_dir = new_job_id(), tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    procs = start_ranks(python, train_args(root, run_dir, "trainer.max_epochs=4", "sampler=ancestral", "callbacks.sample_grid.n_per_class=200"),
+                        slurm_env(tmp_path, job))
+    wait_for(lambda: last.is_file() or any(p.poll() is not None for p in procs))
+    time.sleep(8.0)  # epoch 1 trains in about 3 s; its grid (400 images, 500 steps) takes minutes on this CPU
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    signalled = time.time()
+    outs = finish(procs, timeout=120)
+    took = time.time() - signalled
+    assert [p.returncode for p in procs] == [128 + signal.SIGUSR1] * 2, outs[0][-3000:]
+    assert "SIGUSR1 during the validation after step 50" in outs[0], outs[0][-3000:]
+    assert took < 30, took
+    assert load(last)["global_step"] == 50 and not (run_dir / "samples" / "epoch_0001.png").exists()
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == [f"requeue {job}"]
+
+
+@pytest.mark.slow  # about 60 s: the reference statistics and a long FID evaluation
+def test_a_signal_during_the_fid_evaluation_stops_every_rank_within_seconds(python, slurm_reference, detector_file, tmp_path):
+    root, _ = slurm_reference
+    run_dir = tmp_path / "run"
+    grid = run_dir / "samples" / "epoch_0001.png"
+    procs = start_ranks(python, train_args(root, run_dir, "trainer.max_epochs=4", "sampler=ancestral", "callbacks.fid.every_n_epochs=2",
+                                           f"metrics.inception_weights={detector_file}", "metrics.num_samples=400", "metrics.batch_size=50",
+                                           f"metrics.cache_dir={tmp_path / 'cache'}", "metrics.reference_images=100"),
+                        slurm_env(tmp_path, new_job_id()))
+    wait_for(lambda: grid.is_file() or any(p.poll() is not None for p in procs))  # the grid is drawn: FID sampling follows
+    time.sleep(2.0)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    signalled = time.time()
+    outs = finish(procs, timeout=120)
+    assert time.time() - signalled < 30
+    assert [p.returncode for p in procs] == [128 + signal.SIGUSR2] * 2, outs[0][-3000:]
+    assert "SIGUSR2 during the validation after step 50" in outs[0]
+    assert "val/fid" not in (run_dir / "csv" / "metrics.csv").read_text()
+
+
+def test_a_dead_rank_ends_the_other_with_one_line_and_the_next_run_resumes(python, slurm_reference, tmp_path):
+    root, _ = slurm_reference
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    args = train_args(root, run_dir, "trainer.max_epochs=3", "trainer.process_group_timeout=20")
+    env = slurm_env(tmp_path, new_job_id())
+    procs = start_ranks(python, args, env)
+    wait_for(lambda: last.is_file() or any(p.poll() is not None for p in procs))
+    time.sleep(1.0)
+    procs[1].kill()
+    killed = time.time()
+    out = finish(procs[:1], timeout=60)[0]
+    procs[1].wait()
+    assert time.time() - killed < 20 + 10 and procs[0].returncode == 1
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2 lost the others at step") and "rerun the same command" in errors[0]
+    assert "Traceback" not in out
+    saved = load(last)
+    assert saved["global_step"] in (25, 50)  # the last whole epoch-end checkpoint
+    procs = start_ranks(python, args, env)
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert f"resuming from {last}" in outs[0] and load(last)["global_step"] == 75
+
+
+@pytest.mark.slow  # about 45 s
+def test_the_sbatch_example_with_fake_slurm_tools_requeues_on_sigusr1_and_resumes(python, slurm_reference, tmp_path):
+    """scripts/slurm/train.sbatch under a fake srun (two tasks) and scontrol; SIGUSR1 to the tasks as --signal=USR1@90."""
+    root, reference = slurm_reference
+    job, run_dir = new_job_id(), tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    env = {k: v for k, v in slurm_env(tmp_path, job, SLURM_SUBMIT_DIR=str(ROOT), PYTHON=python).items()
+           if k not in ("SLURM_NTASKS", "SLURM_NODEID", "SLURM_STEP_ID", "SLURM_NODELIST")}  # srun sets these
+    args = [a for a in train_args(root, run_dir, "trainer.max_epochs=4") if not a.startswith(("trainer=", "trainer.devices="))]
+    command = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *args]
+    job_proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: last.is_file() or job_proc.poll() is not None)
+    time.sleep(1.0)
+    tasks = tasks_of(str(run_dir))
+    assert len(tasks) == 2
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR1)
+    out = job_proc.communicate(timeout=120)[0]
+    assert job_proc.returncode == 128 + signal.SIGUSR1, out[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == [f"requeue {job}"]
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # SLURM runs the script again
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert_same_training_state(load(last), reference)
+
+
+@pytest.mark.slow  # about 90 s: two jobs side by side, one minute's time limit, a requeue
+def test_submitit_local_sweep_jobs_own_their_dirs_and_wandb_runs_and_a_timed_out_job_is_requeued(python, tmp_path):
+    root = make_cifar(tmp_path / "cifar", n_train=100)
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([python, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=1", "experiment=smoke",
+                        "model=simple,improved", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
+                        "data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=6",
+                        "trainer.check_val_every_n_epoch=3", "logger=wandb", "logger.wandb.online=false", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=${hydra:runtime.choices.model}"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # two jobs side by side on two cores
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    logs = "".join(f.read_text() for f in sweep.glob(".submitit/*/*_log.*"))
+    requeued = [d for d in ("simple", "improved") if "requeueing through submitit" in (sweep / d / "train.log").read_text()]
+    assert requeued, logs[-3000:]  # start-up and 300 steps take longer than the 30 s before submitit's SIGUSR2
+    for d in ("simple", "improved"):
+        run = sweep / d
+        assert json.loads((run / "done.json").read_text())["global_step"] == 300 and (run / "checkpoints" / "last.ckpt").is_file()
+        run_id = (run / "wandb_id.txt").read_text().strip()
+        assert {r.name.rsplit("-", 1)[1] for r in (run / "wandb").glob("offline-run-*")} == {run_id}  # one W&B run, resumed
+    for d in requeued:
+        assert "resuming from" in (sweep / d / "train.log").read_text()
+
+
+@pytest.mark.slow  # about 60 s: one evaluation with one process, then with two
+def test_evaluate_py_over_two_ranks_gives_the_single_process_numbers(python, smoke_run, detector_file, tmp_path):
+    run_dir, root = smoke_run
+    common = [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"data.root={root}", f"metrics.inception_weights={detector_file}",
+              "metrics.num_samples=120", "metrics.batch_size=25", f"metrics.cache_dir={tmp_path / 'cache'}", "sampler=ddim",
+              "sampler.steps=5", "logger=csv"]
+    one = subprocess.run([python, str(ROOT / "evaluate.py"), *common, f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = slurm_env(tmp_path, new_job_id())
+    ranks = [subprocess.Popen([python, str(ROOT / "evaluate.py"), *common, f"hydra.run.dir={tmp_path / 'two'}"],
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(2)]
+    outs = finish(ranks)
+    assert [p.returncode for p in ranks] == [0, 0], outs[0][-3000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    for key in ("fid", "kid_mean", "kid_std", "is_mean", "fid_floor"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    assert b["fid_ci95"] == pytest.approx(a["fid_ci95"], rel=1e-6) and b["kid_ci95"] == pytest.approx(a["kid_ci95"], rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "evaluate.log", "evaluate_rank1.log", "results.csv", "results.json"]
+
+
+def test_preemption_signals_and_the_submitit_signal_variable():
+    from ddpm_lightning.cluster import preempt_signals
+
+    assert preempt_signals() == [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM] or os.environ.get("SUBMITIT_PREEMPT_SIGNAL")
+    code = ("import os, signal; os.environ['SUBMITIT_PREEMPT_SIGNAL'] = 'URG'; from ddpm_lightning.cluster import preempt_signals; "
+            "print([s.name for s in preempt_signals()])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "['SIGURG', 'SIGUSR1', 'SIGTERM']"
+
+
+def test_run_dir_under_srun_is_the_job_s_so_a_requeued_job_resumes_there(monkeypatch):
+    from ddpm_lightning import _job_or_now
+
+    for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(k, raising=False)
+    assert _job_or_now("%Y") == time.strftime("%Y")
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert _job_or_now("%Y") == "slurm/812/step0"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "800")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert _job_or_now("%Y") == "slurm/800_3/step0"
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # srun --pty bash: not a job's own dir
+    assert _job_or_now("%Y") == time.strftime("%Y")
+
+
+from test_schema import files, refused  # noqa: E402,F401  (the fixture and the one-line check of the schema tests)
+
+LAUNCHER_BAD = [
+    (["-m", "trainer=ddp", "trainer.devices=2", "model=simple,improved"], "Lightning would relaunch the whole sweep in every rank; run the sweep with hydra/launcher=local"),
+    (["hydra/launcher=slurm", "trainer.devices=2"], "hydra/launcher=slurm takes effect with -m"),
+    (["-m", "hydra/launcher=slurm", "trainer=ddp"], "set trainer.devices to a number"),
+    (["-m", "hydra/launcher=slurm", "trainer.devices=2", "hydra.launcher.tasks_per_node=4"], "Lightning needs one task per device"),
+    (["-m", "hydra/launcher=slurm", "trainer.num_nodes=2", "hydra.launcher.nodes=1"], "hydra.launcher.nodes=1 but trainer.num_nodes=2"),
+    (["-m", "hydra/launcher=local", "trainer.devices=1,2"], "trainer.devices is swept"),
+    (["-m", "hydra/launcher=local", "trainer.num_nodes=2"], "use hydra/launcher=slurm for several nodes"),
+    (["-m", "hydra/launcher=slurm", "trainer.num_nodes=0"], "trainer.num_nodes=0 must be >= 1"),
+    (["trainer.process_group_timeout=1"], "trainer.process_group_timeout=1 must be >= 10"),
+]
+
+
+@pytest.mark.parametrize("args, says", LAUNCHER_BAD)
+def test_launcher_settings_are_checked_before_anything_is_submitted(args, says, files, capsys):
+    assert says in refused("config", args, files, capsys)
+
+
+def test_srun_task_counts_must_match_the_devices(monkeypatch):
+    from ddpm_lightning.cluster import check_tasks
+    from ddpm_lightning.errors import ConfigError
+
+    for k, v in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "ddpm"}.items():
+        monkeypatch.setenv(k, v)
+    check_tasks(4, 2)
+    with pytest.raises(ConfigError, match=r"SLURM runs 4 tasks per node but trainer.devices=2: .* set trainer.devices=4"):
+        check_tasks(2, 2)
+    with pytest.raises(ConfigError, match=r"SLURM gives 2 nodes but trainer.num_nodes=1; set trainer.num_nodes=2"):
+        check_tasks(4, 1)
+
+
+def test_the_slurm_launcher_follows_the_trainer_and_requeues_timed_out_jobs():
+    from hydra import compose, initialize_config_dir
+
+    from ddpm_lightning.cli import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
+                                           "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 4, 4, "gpu")
+        assert launcher.max_num_timeout > 0 and launcher._target_.endswith("SlurmLauncher")
+        assert compose("evaluate", overrides=["hydra/launcher=slurm", "ckpt=x"], return_hydra_config=True).hydra.launcher.tasks_per_node == 1
