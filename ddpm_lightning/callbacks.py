@@ -270,11 +270,19 @@ class Preemption(L.Callback):
             self.stop_if_requested(trainer, "during the validation after")
 
     def stop_if_requested(self, trainer: L.Trainer, where: str) -> None:
-        stop = SIGNALS.requested()
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
+        signum = agreed_signal(trainer)
+        if signum:
             trainer.save_checkpoint(self.last_ckpt)
-            signum = SIGNALS.received or signal.SIGTERM
-            raise Preempted(signum, f"{SIGNALS.received.name if SIGNALS.received else 'a signal on another rank'} {where} "
-                                    f"step {trainer.global_step} (epoch {trainer.current_epoch}): saved {self.last_ckpt} and stopped")
+            raise Preempted(signum, f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                                    f"saved {self.last_ckpt} and stopped")
+
+
+def agreed_signal(trainer: L.Trainer) -> int:
+    """The signal every rank acts on (0: none): under DDP the ranks' signals are gathered, and a time-limit signal (which
+    requeues) wins over SIGTERM, so rank 0 requeues even when the signal reached another rank first."""
+    mine = int(SIGNALS.received or 0)
+    if trainer.world_size == 1:
+        return mine
+    got = trainer.strategy.all_gather(torch.tensor(mine, device=trainer.strategy.root_device)).flatten().tolist()
+    requeue = [s for s in got if s and s != signal.SIGTERM]
+    return requeue[0] if requeue else max(got)

@@ -119,3 +119,15 @@ def test_publishing_without_a_login_fails_in_one_line(python, paper_run, tmp_pat
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "wandb login" in p.stderr, p.stderr
     assert not (tmp_path / "r" / "results.md").exists()
+
+
+def test_make_paper_takes_the_slurm_launcher_for_every_multirun():
+    from ddpm_lightning.paper import plan
+
+    _, stages = plan(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "hydra.launcher.partition=gpu"])
+    commands = {name: command for name, command in stages}
+    train = commands["train"]
+    assert "-m" in train and {"hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "hydra.launcher.partition=gpu"} <= set(train)
+    for name, command in commands.items():
+        if name.startswith(("eval", "floor")):  # one-GPU evaluation jobs on the same partition
+            assert {"-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"} <= set(command) and "trainer.devices=4" not in command
