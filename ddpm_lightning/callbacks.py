@@ -253,11 +253,11 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         SIGNALS.install()  # again: Lightning registered its own SIGTERM handler when fit started; one owner per signal
-        SIGNALS.armed = True
+        SIGNALS.stage = "training"
         pl_module.stop_requested = SIGNALS.requested
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        SIGNALS.armed = False
+        SIGNALS.stage = "done"
         pl_module.stop_requested = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:

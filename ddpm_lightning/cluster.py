@@ -5,7 +5,8 @@
   which Lightning's LightningEnvironment reads. Neither launches a process.
 - Signals. submitit's preemption signal (SIGUSR2, or $SUBMITIT_PREEMPT_SIGNAL), SIGUSR1 (``sbatch --signal=USR1@90``)
   and SIGTERM have one owner, ``SIGNALS``: during training it only records the signal, and callbacks.Preemption stops
-  every rank at one agreed point and has rank 0 write last.ckpt; before and after training it stops at once.
+  every rank at one agreed point and has rank 0 write last.ckpt; before training it stops at once; after training
+  the finished job ends normally.
 - Requeue. After last.ckpt is written, rank 0 requeues the job on a time-limit signal (SIGUSR1/SIGUSR2): through
   submitit's own handler (its checkpoint/requeue path) when submitit runs the job, else ``scontrol requeue
   $SLURM_JOB_ID``. SIGTERM (scancel, or SLURM's preemption, which requeues by itself when PreemptMode=REQUEUE) stops
@@ -45,12 +46,14 @@ def preempt_signals() -> list[signal.Signals]:
 
 
 class Signals:
-    """The one owner of the preemption signals in this process. ``armed`` (set by callbacks.Preemption while the
-    training loop runs): a signal is recorded and acted on at the next agreed point; otherwise it stops at once."""
+    """The one owner of the preemption signals in this process; the first signal counts. What it does depends on the
+    run's ``stage``: "starting" (until the training loop runs): stop at once, there is nothing new to save;
+    "training": record it, and callbacks.Preemption stops every rank at the next agreed point; "done" (training has
+    ended): record it, and the finished job ends normally."""
 
     def __init__(self):
         self.received: signal.Signals | None = None
-        self.armed = False
+        self.stage = "starting"
         self.previous: dict[signal.Signals, object] = {}  # the handlers found at the first install (submitit's)
 
     def install(self) -> None:
@@ -62,9 +65,10 @@ class Signals:
                 signal.signal(signum, self.handler)
 
     def handler(self, signum: int, frame) -> None:
-        self.received = self.received or signal.Signals(signum)
-        if not self.armed:
-            raise Preempted(signum, f"{signal.Signals(signum).name} before training started (or after it ended): nothing new to save")
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            if self.stage == "starting":
+                raise Preempted(signum, f"{self.received.name} before training started: nothing new to save")
 
     def requested(self) -> bool:
         return self.received is not None

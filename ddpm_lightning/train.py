@@ -126,7 +126,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir), job_type="train",
             offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_run_id(run_dir), resume="allow",
         )
-        define_wandb_metrics(wandb_logger.experiment)
+        if cluster.global_rank() == 0:  # the experiment is made here, before Lightning knows the rank: rank 0 alone
+            define_wandb_metrics(wandb_logger.experiment)
         loggers.append(wandb_logger)
     return loggers
 
@@ -162,7 +163,10 @@ def run(cfg: DictConfig) -> None:
         return
     start = time.perf_counter()
     SIGNALS.install()  # from here on a preemption signal stops the run (at once until training starts)
+    SIGNALS.stage = "starting"
     try:
+        if SIGNALS.received:  # during an earlier job of this process (a sweep under Hydra's basic launcher)
+            raise Preempted(SIGNALS.received, f"{SIGNALS.received.name} before this job started")
         fit(cfg, run_dir, start)
     except Preempted as e:
         done = cluster.requeue(e.signum) if cluster.global_rank() == 0 else "rank 0 requeues the job"
@@ -197,7 +201,7 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
                         if k not in ("max_nonfinite", "process_group_timeout")}
         trainer_args |= cluster.trainer_environment(cfg)
         trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
     with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

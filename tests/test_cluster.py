@@ -202,23 +202,24 @@ def test_the_sbatch_example_with_fake_slurm_tools_requeues_on_sigusr1_and_resume
     assert_same_training_state(load(last), reference)
 
 
-@pytest.mark.slow  # about 90 s: two jobs side by side, one minute's time limit, a requeue
+@pytest.mark.slow  # about 90 s: two jobs of two ranks side by side, one minute's time limit, a requeue
 def test_submitit_local_sweep_jobs_own_their_dirs_and_wandb_runs_and_a_timed_out_job_is_requeued(python, tmp_path):
     root = make_cifar(tmp_path / "cifar", n_train=100)
     sweep = tmp_path / "sweep"
     p = subprocess.run([python, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=1", "experiment=smoke",
                         "model=simple,improved", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
-                        "data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=6",
+                        "data.batch_size=4", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=6",
                         "trainer.check_val_every_n_epoch=3", "logger=wandb", "logger.wandb.online=false", f"hydra.sweep.dir={sweep}",
                         "hydra.sweep.subdir=${hydra:runtime.choices.model}"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # two jobs side by side on two cores
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # two jobs of two ranks side by side on two cores
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     logs = "".join(f.read_text() for f in sweep.glob(".submitit/*/*_log.*"))
     requeued = [d for d in ("simple", "improved") if "requeueing through submitit" in (sweep / d / "train.log").read_text()]
-    assert requeued, logs[-3000:]  # start-up and 300 steps take longer than the 30 s before submitit's SIGUSR2
+    assert requeued, logs[-3000:]  # start-up and 150 steps take longer than the 30 s before submitit's SIGUSR2
     for d in ("simple", "improved"):
         run = sweep / d
-        assert json.loads((run / "done.json").read_text())["global_step"] == 300 and (run / "checkpoints" / "last.ckpt").is_file()
+        assert "2 ranks on 1 node(s), from LightningEnvironment" in (run / "train.log").read_text()  # submitit's tasks as DDP ranks
+        assert json.loads((run / "done.json").read_text())["global_step"] == 150 and (run / "checkpoints" / "last.ckpt").is_file()
         run_id = (run / "wandb_id.txt").read_text().strip()
         assert {r.name.rsplit("-", 1)[1] for r in (run / "wandb").glob("offline-run-*")} == {run_id}  # one W&B run, resumed
     for d in requeued:
@@ -336,3 +337,18 @@ def test_every_rank_acts_on_one_signal_and_a_requeue_signal_wins(got, acted_on, 
 
     monkeypatch.setattr(callbacks.SIGNALS, "received", signal.Signals(got[0]) if got[0] else None)
     assert callbacks.agreed_signal(Trainer()) == acted_on
+
+
+def test_a_signal_stops_at_once_before_training_is_recorded_during_it_and_ends_a_finished_job_normally():
+    from ddpm_lightning.cluster import Preempted, Signals
+
+    before = Signals()
+    with pytest.raises(Preempted, match="SIGUSR1 before training started"):
+        before.handler(signal.SIGUSR1, None)
+    before.handler(signal.SIGTERM, None)  # a second signal while the first is being handled: no second exception
+    assert before.received == signal.SIGUSR1
+    during, after = Signals(), Signals()
+    during.stage, after.stage = "training", "done"
+    during.handler(signal.SIGUSR2, None)
+    after.handler(signal.SIGUSR2, None)
+    assert during.requested() and after.requested()
