@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -245,14 +244,19 @@ def test_evaluate_py_over_two_ranks_gives_the_single_process_numbers(python, smo
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "evaluate.log", "evaluate_rank1.log", "results.csv", "results.json"]
 
 
-def test_preemption_signals_and_the_submitit_signal_variable():
+def test_preemption_signals_and_the_submitit_signal_variable(monkeypatch):
     from ddpm_lightning.cluster import preempt_signals
+    from ddpm_lightning.errors import ConfigError
 
-    assert preempt_signals() == [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM] or os.environ.get("SUBMITIT_PREEMPT_SIGNAL")
-    code = ("import os, signal; os.environ['SUBMITIT_PREEMPT_SIGNAL'] = 'URG'; from ddpm_lightning.cluster import preempt_signals; "
-            "print([s.name for s in preempt_signals()])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
-    assert out.strip() == "['SIGURG', 'SIGUSR1', 'SIGTERM']"
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    assert preempt_signals() == [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM]
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "URG")
+    assert preempt_signals() == [signal.SIGURG, signal.SIGUSR1, signal.SIGTERM]
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # no signal twice
+    assert preempt_signals() == [signal.SIGUSR1, signal.SIGTERM]
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "NOPE")
+    with pytest.raises(ConfigError, match="SUBMITIT_PREEMPT_SIGNAL=NOPE is not a signal"):
+        preempt_signals()
 
 
 def test_run_dir_under_srun_is_the_job_s_so_a_requeued_job_resumes_there(monkeypatch):
