@@ -1,6 +1,7 @@
 """DiffusionModule: the U-Net, Algorithm 1's loss, Adam, and the one sample() API."""
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -30,21 +31,30 @@ class DiffusionModule(L.LightningModule):
     Every argument is a plain value, so a checkpoint alone rebuilds the module. Speed options: ``compile``
     (torch.compile of the U-Net for training, and for sampling with static shapes: CUDA graphs on a GPU),
     ``channels_last`` (NHWC convolutions) and ``bf16_sampling`` (bf16 autocast of the sampling calls).
+    Training levers beyond the paper (conf/recipe; the defaults are the paper's): ``loss_weighting`` ("none" or
+    "min_snr" with ``snr_gamma``), a linear LR warm-up over ``warmup_steps`` then ``lr_decay`` ("constant" or
+    "cosine" to 0 at the last step), Adam's ``betas`` and ``weight_decay`` (decoupled, AdamW, when > 0) and
+    ``dropout`` in the residual blocks; gradient clipping is the Trainer's ``gradient_clip_val``.
     """
 
     def __init__(self, net: dict, schedule: dict, class_names: list[str], conditional: bool, p_uncond: float,
                  guidance_w: float, sampler: dict, lr: float = 1e-3, image_size: int = 32, seed: int = 0,
                  max_nonfinite: int = 10, nonfinite_check_every: int = 10, compile: bool = False, channels_last: bool = False,
-                 bf16_sampling: bool = False):
+                 bf16_sampling: bool = False, loss_weighting: str = "none", snr_gamma: float = 5.0, warmup_steps: int = 0,
+                 lr_decay: str = "constant", betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 dropout: float = 0.0):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ConfigError(f"guidance.p_uncond={p_uncond} must lie in [0, 1]")
         if not conditional and (p_uncond != 0 or guidance_w != 0):
             raise ConfigError(f"guidance (w={guidance_w}, p_uncond={p_uncond}) given to the unconditional model; use model=improved, or guidance=none with model=simple")
+        if lr_decay not in ("constant", "cosine"):
+            raise ConfigError(f"recipe.lr_decay={lr_decay!r} is unknown; use constant or cosine")
         get_sampler(sampler.get("name"))
         self.save_hyperparameters()
-        self.net = UNet(**net, num_classes=len(class_names) if conditional else None)
+        self.net = UNet(**net, num_classes=len(class_names) if conditional else None, image_size=image_size, dropout=dropout)
         self.schedule: Schedule = build_schedule(**schedule)
+        self.schedule.loss_weights(loss_weighting, snr_gamma)  # an unknown weighting fails here, before training
         self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
@@ -89,18 +99,27 @@ class DiffusionModule(L.LightningModule):
             self.schedule.to(self.device)
         return self.schedule
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, net=None) -> torch.Tensor:
-        """Algorithm 1: t ~ Uniform({1..T}) (0-based index here), eps ~ N(0, I), MSE on the noise."""
+    def loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, net=None,
+             weighting: str = "none") -> torch.Tensor:
+        """Algorithm 1: t ~ Uniform({1..T}) (0-based index here), eps ~ N(0, I), MSE on the noise; with a
+        ``weighting`` other than the paper's "none", each image's squared error is weighted by w_t."""
         sched = self.sched
         t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         x_t = sched.q_sample(x0, t, eps).contiguous(memory_format=self.memory_format)  # eq. 3
         y = drop_labels(y, self.hparams.p_uncond, self.net.null_class, generator) if self.hparams.conditional else None
-        return F.mse_loss((net or self.net)(x_t, t, y).float(), eps)
+        eps_theta = (net or self.net)(x_t, t, y).float()
+        if weighting == "none":
+            return F.mse_loss(eps_theta, eps)  # eq. 14
+        w_t = sched.loss_weights(weighting, self.hparams.snr_gamma)[t]
+        return (w_t * (eps_theta - eps).square().flatten(1).mean(1)).mean()
 
     def training_step(self, batch, batch_idx):
-        g = torch.Generator(self.device).manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
-        loss = self.loss(*batch, generator=g, net=self.forward_train)
+        seed = step_seed(self.hparams.seed, self.global_step, self.global_rank)
+        if self.hparams.dropout:
+            torch.manual_seed(seed)  # dropout draws from the global generator: per step, so a resumed run drops the same units
+        g = torch.Generator(self.device).manual_seed(seed)
+        loss = self.loss(*batch, generator=g, net=self.forward_train, weighting=self.hparams.loss_weighting)
         self.skip_if_nonfinite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch[0].shape[0])  # no prog_bar: see ProgressBar
         return loss
@@ -121,13 +140,28 @@ class DiffusionModule(L.LightningModule):
                 "last good ones, as is the last checkpoint); lower model.lr or check the data, then resume with ckpt_path=last")
 
     def validation_step(self, batch, batch_idx):
-        """The same loss on held-out images, with noise fixed per batch so epochs compare."""
+        """The paper's loss (unweighted, whatever the recipe) on held-out images, with noise fixed per batch so epochs
+        and recipes compare."""
         g = torch.Generator(self.device).manual_seed(batch_idx * self.trainer.world_size + self.global_rank)
         loss = self.loss(*batch, generator=g)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, fused=True)
+        hp = self.hparams
+        adam = torch.optim.AdamW if hp.weight_decay else torch.optim.Adam
+        optimizer = adam(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=True)
+        if not hp.warmup_steps and hp.lr_decay == "constant":
+            return optimizer  # the paper: a constant rate
+        total = []  # the run's steps, read after the first update: estimated_stepping_batches sets up the data, and here, before
+        # a resumed run's loop state is restored, that made a mid-epoch resume draw other batches than the uninterrupted run
+
+        def factor(step: int) -> float:
+            if step and not total:
+                total.append(self.trainer.estimated_stepping_batches)
+            return lr_factor(step, hp.warmup_steps, hp.lr_decay, total[0] if total else 1)  # step 0: the same for any total
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def sample(self, n: int | None = None, labels: torch.Tensor | None = None, w: float | None = None,
@@ -159,6 +193,17 @@ class DiffusionModule(L.LightningModule):
             eps_fn = stoppable(guided(self.forward_sample, y, w, self.net.null_class), self.stop_requested)
             out.append(to_uint8(run_sampler(eps_fn, self.sched, x_T, generator=generator, callback=callback, **settings)))
         return torch.cat(out)
+
+
+def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: float) -> float:
+    """The learning rate of update ``step`` (0-based) over the peak: linear warm-up (step + 1) / warmup_steps, then
+    1 (constant) or the cosine (1 + cos(pi p)) / 2 over the progress p of the steps after the warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def stoppable(eps_fn, stop_requested):

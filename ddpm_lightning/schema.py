@@ -32,6 +32,7 @@ class NetConfig:
     width: int = setting("channels of the U-Net's first level (levels: width, 2 width, 4 width)")
     emb_dim: int = setting("size of the timestep (and class) embedding")
     heads: int = setting("attention heads; must divide width")
+    attention: List[int] = setting("resolutions whose blocks get self-attention (the paper: all of 32, 16, 8, 4)")
 
 
 @dataclass
@@ -64,6 +65,18 @@ class ModelConfig:
 
 
 @dataclass
+class RecipeConfig:
+    loss_weighting: str = setting("w_t of the loss: none (the paper) or min_snr, min(SNR_t, gamma) / SNR_t", ["none", "min_snr"])
+    snr_gamma: float = setting("gamma of min_snr (Hang et al.: 5)")
+    warmup_steps: int = setting("linear LR warm-up over this many steps (DDPM: 5000); 0: none")
+    lr_decay: str = setting("the LR after the warm-up: constant, or cosine to 0 at the last step", ["constant", "cosine"])
+    grad_clip: Optional[float] = setting("clip the gradient to this global norm (DDPM: 1.0); null: no clipping")
+    dropout: float = setting("dropout in the U-Net's residual blocks (DDPM: 0.1)")
+    betas: List[float] = setting("Adam's (beta_1, beta_2)")
+    weight_decay: float = setting("decoupled weight decay (AdamW) when > 0")
+
+
+@dataclass
 class AncestralSampler:
     name: str = setting("the sampler", ["ancestral", "ddim", "dpm_solver"])
     variance: str = setting("sigma_t^2 of Algorithm 2", ["beta", "posterior"])
@@ -88,7 +101,7 @@ class DPMSolverSampler:
 class DataConfig:
     root: str = setting("the folder that holds cifar-10-batches-py/")
     classes: List[str] = setting("the CIFAR-10 classes of the subset")
-    batch_size: int = setting("training batch size (over all ranks)")
+    batch_size: int = setting("training batch size per device (each rank draws this many images a step)")
     flip: bool = setting("random horizontal flips")
     download: bool = setting("download CIFAR-10 when it is not at data.root")
     url: str = setting("where to download it from")
@@ -201,6 +214,7 @@ class TrainConfig:
     schedule: Any = setting("the variance schedule (schedule=linear|cosine)")
     guidance: GuidanceConfig = setting("classifier-free guidance (guidance=none|cfg)", node=GuidanceConfig)
     model: ModelConfig = setting("model=simple|improved", node=ModelConfig)
+    recipe: RecipeConfig = setting("the training levers (recipe=paper|fast)", node=RecipeConfig)
     sampler: Any = setting("sampler=ancestral|ddim|dpm_solver")
     data: DataConfig = setting("data=cars|five_class|cifar10", node=DataConfig)
     trainer: TrainerConfig = setting("trainer=default|ddp", node=TrainerConfig)
@@ -275,7 +289,7 @@ class ReportConfig:
 
 
 GROUPS = {"net": {"schema": NetConfig}, "schedule": {"schema_linear": LinearSchedule, "schema_cosine": CosineSchedule},
-          "guidance": {"schema": GuidanceConfig}, "model": {"schema": ModelConfig},
+          "guidance": {"schema": GuidanceConfig}, "model": {"schema": ModelConfig}, "recipe": {"schema": RecipeConfig},
           "sampler": {"schema_ancestral": AncestralSampler, "schema_ddim": DDIMSampler, "schema_dpm_solver": DPMSolverSampler},
           "data": {"schema": DataConfig}, "trainer": {"schema": TrainerConfig}, "logger": {"schema": LoggerConfig},
           "callbacks": {"schema": CallbacksConfig}, "metrics": {"schema": MetricsConfig}, "paper": {"schema": PaperConfig},
@@ -312,6 +326,14 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "net.width": (lambda v: v >= 1, ">= 1"),
     "net.emb_dim": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2"),
     "net.heads": (lambda v: v >= 1, ">= 1"),
+    "net.attention": (lambda v: len(set(v)) == len(v) and set(v) <= {32, 16, 8, 4}, "distinct resolutions of the net's blocks",
+                      "choose from 32, 16, 8, 4 (the paper: [32,16,8,4]; [] for none), e.g. net.attention=[8,4]"),
+    "recipe.snr_gamma": (lambda v: v > 0, "> 0"),
+    "recipe.warmup_steps": (lambda v: v >= 0, ">= 0 (0: no warm-up)"),
+    "recipe.grad_clip": (lambda v: v > 0, "> 0 (or null: no clipping)"),
+    "recipe.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "recipe.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.999]"),
+    "recipe.weight_decay": (lambda v: v >= 0, ">= 0"),
     "schedule.T": (lambda v: v >= 1, ">= 1"),
     "schedule.beta_1": (lambda v: 0 < v < 1, "in (0, 1)"),
     "schedule.beta_T": (lambda v: 0 < v < 1, "in (0, 1)"),

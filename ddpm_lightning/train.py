@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +39,7 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
         p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
         seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"], compile=c["model"]["compile"],
         channels_last=c["model"]["channels_last"], bf16_sampling=c["model"]["bf16_sampling"],
+        **{k: c["recipe"][k] for k in ("loss_weighting", "snr_gamma", "warmup_steps", "lr_decay", "betas", "weight_decay", "dropout")},
     )
 
 
@@ -195,11 +197,13 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
             last_checkpoint(run_dir / "checkpoints"),
             Preemption(run_dir / "checkpoints" / "last.ckpt"),
             ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+            LearningRateMonitor(logging_interval="step"),
             ETA(),
         ]
         trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                         if k not in ("max_nonfinite", "process_group_timeout")}
         trainer_args |= cluster.trainer_environment(cfg)
+        trainer_args |= {"gradient_clip_val": cfg.recipe.grad_clip, "gradient_clip_algorithm": "norm"}
         trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")

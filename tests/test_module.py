@@ -153,15 +153,21 @@ class StopCounting(L.Callback):
         self.probe.reads[trainer.global_step] = self.probe.mode.count
 
 
-def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path):
+LEVERS = dict(loss_weighting="min_snr", warmup_steps=3, lr_decay="cosine", dropout=0.1, weight_decay=0.01, betas=(0.9, 0.99))
+
+
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["paper", "every recipe lever"])
+def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path, levers):
     """The training step, the EMA update and the progress bar queue their work and never wait for the device,
     except where they are meant to: the non-finite check (every nonfinite_check_every steps), the progress bar's
-    loss (every refresh_rate steps) and the first EMA update (once)."""
+    loss (every refresh_rate steps) and the first EMA update (once); also with every lever of conf/recipe on
+    (Min-SNR weights, the LR schedule, dropout, AdamW, gradient clipping)."""
     torch.manual_seed(0)
     probe, bar = ReadsPerStep(), ProgressBar(refresh_rate=7)
     trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, log_every_n_steps=50, callbacks=[probe, EMA(0.9), bar, probe.stop])
-    trainer.fit(module(nonfinite_check_every=5), datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))
+                        default_root_dir=tmp_path, log_every_n_steps=50, callbacks=[probe, EMA(0.9), bar, probe.stop],
+                        gradient_clip_val=1.0 if levers else None)
+    trainer.fit(module(nonfinite_check_every=5, **levers), datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))
     step_reads = {step: n for step, n in probe.reads.items() if n}
     # step 1: the EMA's count and the bar's first loss; 5, 10: the non-finite check; 7: a refresh of the bar
     assert step_reads == {1: 2, 5: 1, 7: 1, 10: 1}, step_reads

@@ -20,7 +20,11 @@ from ddpm_lightning.module import DiffusionModule, load_checkpoint
 def train_cmd(python, root, run_dir, *extra):
     return [python, str(ROOT / "train.py"), "experiment=smoke", "model=improved", f"data.root={root}", "data.classes=[automobile,cat]",
             "data.max_images=null", "data.batch_size=4", "trainer.check_val_every_n_epoch=2", "logger=csv",
-            f"hydra.run.dir={run_dir}", *extra]
+            *LEVERS, f"hydra.run.dir={run_dir}", *extra]
+
+
+# every training lever on (Min-SNR weights, warm-up and cosine decay, clipping, dropout, AdamW): resume stays bit-exact
+LEVERS = ["recipe=fast", "recipe.warmup_steps=30", "recipe.dropout=0.1", "recipe.weight_decay=0.01", "recipe.betas=[0.9,0.99]"]
 
 
 def load(path):

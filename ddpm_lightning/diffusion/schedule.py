@@ -49,6 +49,7 @@ class Schedule:
             alpha_bar_prev=alpha_bar_prev,
             # beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (Ho et al. eq. 7)
             posterior_variance=(1 - alpha_bar_prev) / (1 - alpha_bar) * betas,
+            snr=alpha_bar / (1 - alpha_bar),  # SNR_t = alpha_bar_t / (1 - alpha_bar_t)  (Kingma et al. 2021)
         )
         self.to("cpu")
 
@@ -72,6 +73,15 @@ class Schedule:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (eq. 2-3); t is the 0-based index."""
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def loss_weights(self, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+        """w_t of the noise-prediction loss, per 0-based step: "none" is the paper's w_t = 1 (Algorithm 1);
+        "min_snr" is Min-SNR-gamma for eps-prediction, w_t = min(SNR_t, gamma) / SNR_t  (Hang et al. 2023, eq. 10)."""
+        if weighting == "none":
+            return torch.ones_like(self.snr)
+        if weighting == "min_snr":
+            return self.snr.clamp(max=gamma) / self.snr
+        raise ConfigError(f"recipe.loss_weighting={weighting!r} is unknown; use none or min_snr")
 
     def q_step(self, x_prev: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         """One step of the forward chain, x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps  (eq. 1)."""

@@ -2,7 +2,8 @@
 
 At the default width (64) the encoder goes 64-128-256-256, the bottleneck 256-512-512-256 and the decoder
 back to 64 channels: about 23.3M parameters. ``width`` scales every channel count for tiny test nets.
-Attention works at whatever resolution the input has (32x32 and 64x64 alike).
+The paper puts self-attention after each of the six down/up blocks, at 16, 8, 4 (down) and 8, 16, 32 (up) for
+32x32 images; ``attention`` keeps it only at the named resolutions (DDPM's CIFAR-10 net: 16 only; ADM: 16 and 8).
 """
 
 import math
@@ -19,10 +20,15 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def attention_resolutions(image_size: int = 32) -> list[int]:
+    """The resolutions at which the U-Net's blocks work, and so where ``attention`` may put self-attention."""
+    return [image_size // 2**k for k in range(4)]
+
+
 class DoubleConv(nn.Module):
     """3x3 conv, GroupNorm, GELU, 3x3 conv, GroupNorm; the residual variant adds the input and applies GELU."""
 
-    def __init__(self, c_in: int, c_out: int, c_mid: int | None = None, residual: bool = False):
+    def __init__(self, c_in: int, c_out: int, c_mid: int | None = None, residual: bool = False, dropout: float = 0.0):
         super().__init__()
         c_mid = c_mid or c_out
         self.residual = residual
@@ -30,6 +36,7 @@ class DoubleConv(nn.Module):
             nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False),
             nn.GroupNorm(1, c_mid),
             nn.GELU(),
+            *([nn.Dropout(dropout)] if dropout else []),  # between the convs of the residual blocks, as DDPM's ResnetBlock
             nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False),
             nn.GroupNorm(1, c_out),
         )
@@ -62,9 +69,9 @@ class SelfAttention(nn.Module):
 class Down(nn.Module):
     """Max-pool, a residual DoubleConv, a DoubleConv, plus a SiLU-Linear projection of the embedding."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True), DoubleConv(c_in, c_out))
+        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -74,10 +81,10 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Bilinear x2 upsampling, concatenation with the skip, two DoubleConvs, plus the embedding projection."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True), DoubleConv(c_in, c_out, c_in // 2))
+        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out, c_in // 2))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -87,21 +94,32 @@ class Up(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]). With ``num_classes`` set the net is conditional: a learned class embedding,
-    with one extra "null" class at index ``num_classes``, is added to the timestep embedding."""
+    with one extra "null" class at index ``num_classes``, is added to the timestep embedding. ``attention``: the
+    resolutions (of ``image_size`` inputs) whose blocks keep their self-attention; ``dropout``: in the residual blocks."""
 
-    def __init__(self, width: int = 64, emb_dim: int = 256, num_classes: int | None = None, in_channels: int = 3, heads: int = 4):
+    def __init__(self, width: int = 64, emb_dim: int = 256, num_classes: int | None = None, in_channels: int = 3, heads: int = 4,
+                 attention: tuple[int, ...] = (32, 16, 8, 4), image_size: int = 32, dropout: float = 0.0):
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         self.emb_dim = emb_dim
         self.num_classes = num_classes
+        unknown = set(attention) - set(attention_resolutions(image_size))
+        if unknown:
+            raise ValueError(f"attention at {sorted(unknown)}: the U-Net's blocks of {image_size}x{image_size} images work at "
+                             f"{attention_resolutions(image_size)}")
+
+        def sa(channels: int, resolution: int) -> nn.Module:
+            return SelfAttention(channels, heads) if resolution in attention else nn.Identity()
+
+        r = image_size
         self.inc = DoubleConv(in_channels, c1)
-        self.down1, self.sa1 = Down(c1, c2, emb_dim), SelfAttention(c2, heads)
-        self.down2, self.sa2 = Down(c2, c3, emb_dim), SelfAttention(c3, heads)
-        self.down3, self.sa3 = Down(c3, c3, emb_dim), SelfAttention(c3, heads)
+        self.down1, self.sa1 = Down(c1, c2, emb_dim, dropout), sa(c2, r // 2)
+        self.down2, self.sa2 = Down(c2, c3, emb_dim, dropout), sa(c3, r // 4)
+        self.down3, self.sa3 = Down(c3, c3, emb_dim, dropout), sa(c3, r // 8)
         self.bot = nn.Sequential(DoubleConv(c3, 2 * c3), DoubleConv(2 * c3, 2 * c3), DoubleConv(2 * c3, c3))
-        self.up1, self.sa4 = Up(2 * c3, c2, emb_dim), SelfAttention(c2, heads)
-        self.up2, self.sa5 = Up(2 * c2, c1, emb_dim), SelfAttention(c1, heads)
-        self.up3, self.sa6 = Up(2 * c1, c1, emb_dim), SelfAttention(c1, heads)
+        self.up1, self.sa4 = Up(2 * c3, c2, emb_dim, dropout), sa(c2, r // 4)
+        self.up2, self.sa5 = Up(2 * c2, c1, emb_dim, dropout), sa(c1, r // 2)
+        self.up3, self.sa6 = Up(2 * c1, c1, emb_dim, dropout), sa(c1, r)
         self.outc = nn.Conv2d(c1, in_channels, 1)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 

@@ -1,0 +1,205 @@
+"""The training levers beyond the paper (conf/recipe, net.attention): each one's mechanics, checked against its
+closed form, and the paper's presets leaving every one off."""
+
+import math
+import subprocess
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
+
+from conftest import ROOT
+from ddpm_lightning.cli import CONF
+from ddpm_lightning.data import CIFARDataModule
+from ddpm_lightning.diffusion.schedule import build_schedule
+from ddpm_lightning.module import DiffusionModule, lr_factor
+from ddpm_lightning.nets.unet import SelfAttention, UNet
+
+NET = dict(width=8, emb_dim=32, heads=2)
+
+
+def module(**kw):
+    return DiffusionModule(**{**dict(net=NET, schedule=dict(kind="linear", T=50), class_names=["cat"], conditional=False, p_uncond=0.0,
+                                     guidance_w=0.0, sampler=dict(name="ddim", steps=5)), **kw})
+
+
+def attention_resolutions_of(net: UNet) -> list[int]:
+    """The resolutions at which the net's blocks run self-attention, read off a forward pass on 32x32 inputs."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1])) for m in net.modules() if isinstance(m, SelfAttention)]
+    net(torch.randn(1, 3, 32, 32), torch.tensor([3]))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("attention, expected", [((32, 16, 8, 4), [16, 8, 4, 8, 16, 32]), ((8, 4), [8, 4, 8]), ((16,), [16, 16]),
+                                                 ((), [])])
+def test_attention_runs_only_at_the_named_resolutions(attention, expected):
+    assert attention_resolutions_of(UNet(**NET, attention=attention)) == expected
+
+
+def test_attention_at_a_resolution_the_net_lacks_is_refused():
+    with pytest.raises(ValueError, match=r"attention at \[2\]: .* work at \[32, 16, 8, 4\]"):
+        UNet(**NET, attention=(8, 2))
+
+
+def test_min_snr_weights_are_min_snr_gamma_over_snr():
+    s = build_schedule(kind="linear", T=500)
+    snr = s.alpha_bar.double() / (1 - s.alpha_bar.double())
+    w = s.loss_weights("min_snr", 5.0)
+    assert torch.allclose(w.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-3)
+    low_noise = snr > 5  # small t: SNR above gamma, so those steps count less (eq. 10 of Hang et al.)
+    assert low_noise[0] and not low_noise[-1]
+    assert torch.all(w[low_noise] < 1) and torch.all(w[~low_noise] == 1)
+    assert torch.all(w[:-1][low_noise[:-1]] <= w[1:][low_noise[:-1]])  # rising with t up to the point SNR = gamma
+    assert torch.equal(s.loss_weights("none"), torch.ones(500))
+
+
+def test_the_weighted_loss_is_the_per_image_mse_times_w_t():
+    torch.manual_seed(0)
+    m = module(loss_weighting="min_snr", snr_gamma=2.0)
+    x0 = torch.rand(6, 3, 32, 32) * 2 - 1
+    got = m.loss(x0, torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(1), weighting="min_snr")
+    g = torch.Generator().manual_seed(1)  # the same draws by hand
+    t = torch.randint(0, 50, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    per_image = (m.net(m.sched.q_sample(x0, t, eps), t) - eps).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(got, (m.sched.loss_weights("min_snr", 2.0)[t] * per_image).mean())
+    plain = m.loss(x0, torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(plain, F.mse_loss(m.net(m.sched.q_sample(x0, t, eps), t), eps))
+
+
+def test_lr_factor_warms_up_linearly_then_decays_by_a_cosine_to_zero():
+    assert [lr_factor(s, 4, "constant", 20) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, "cosine", 20) == 1.0
+    assert lr_factor(12, 4, "cosine", 20) == pytest.approx(0.5)  # halfway through the 16 steps after the warm-up
+    assert lr_factor(20, 4, "cosine", 20) == pytest.approx(0.0, abs=1e-12)
+
+
+class GradNorm(L.Callback):
+    """The global gradient norm that the optimizer used at each step (read after the step; grads stay until the next)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.net.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+def fit(tmp_path, cifar_root, steps=12, clip=None, **kw):
+    torch.manual_seed(0)
+    norms, lrs = GradNorm(), LearningRateMonitor(logging_interval="step")
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
+    trainer = L.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, log_every_n_steps=1, callbacks=[norms, lrs], gradient_clip_val=clip,
+                        enable_progress_bar=False, max_epochs=-1)
+    m = module(**kw)
+    trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))
+    return trainer, norms.norms, logger
+
+
+def test_the_lr_schedule_goes_through_lightning_and_is_logged_per_step(tmp_path, cifar_root):
+    import csv
+
+    trainer, _, logger = fit(tmp_path, cifar_root, steps=10, warmup_steps=3, lr_decay="cosine", lr=1e-2)
+    rows = [r for r in csv.DictReader(open(logger.log_dir + "/metrics.csv")) if r.get("lr-Adam")]
+    logged = [float(r["lr-Adam"]) for r in rows]
+    total = trainer.estimated_stepping_batches
+    assert logged == pytest.approx([1e-2 * lr_factor(s, 3, "cosine", total) for s in range(len(logged))])
+    assert len(logged) == 10 and logged[0] == pytest.approx(1e-2 / 3) and logged[-1] < 1e-3
+
+
+def test_gradient_clipping_caps_the_norm_the_optimizer_sees(tmp_path, cifar_root):
+    _, free, _ = fit(tmp_path / "a", cifar_root, steps=5)
+    _, clipped, _ = fit(tmp_path / "b", cifar_root, steps=5, clip=0.05)
+    assert min(free) > 0.05  # without clipping the norm is larger, so clipping has work to do
+    assert max(clipped) == pytest.approx(0.05, rel=1e-3)
+
+
+def test_dropout_sits_in_the_residual_blocks_and_only_acts_in_training():
+    net = UNet(**NET, dropout=0.5)
+    drops = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 6 and all(".conv.0.double_conv" in n or ".conv.1.double_conv" in n for n in drops)  # each Down/Up's residual DoubleConv
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 9])
+    net.train()
+    assert not torch.equal(net(x, t), net(x, t))
+    net.eval()
+    assert torch.equal(net(x, t), net(x, t))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in UNet(**NET).modules())
+
+
+def test_adam_betas_and_weight_decay_reach_the_optimizer():
+    m = module(betas=(0.8, 0.95), weight_decay=0.01)
+    m.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    opt = m.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["weight_decay"] == 0.01
+    paper = module().configure_optimizers()
+    assert type(paper) is torch.optim.Adam and paper.defaults["betas"] == (0.9, 0.999) and paper.defaults["weight_decay"] == 0
+
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model", ["simple", "improved"])
+def test_the_paper_presets_leave_every_lever_off(model):
+    cfg = compose(f"model={model}")
+    r = cfg.recipe
+    assert (r.loss_weighting, r.warmup_steps, r.lr_decay, r.grad_clip, r.dropout, list(r.betas), r.weight_decay) == \
+        ("none", 0, "constant", None, 0.0, [0.9, 0.999], 0.0)
+    assert list(cfg.net.attention) == [32, 16, 8, 4] and cfg.model.lr == 1e-3
+
+
+def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
+    for experiment in ("smoke", "paper_cpu", "cars_cpu"):
+        cfg = compose(f"experiment={experiment}")
+        assert list(cfg.net.attention) == [8, 4], experiment
+        assert (cfg.sampler.name, cfg.sampler.eta) == ("ddim", 1.0), experiment
+    assert compose("experiment=paper_cpu").recipe.loss_weighting == "none"  # paper_cpu keeps the paper's recipe
+    assert compose("experiment=cars_cpu").recipe.loss_weighting == "min_snr"
+
+
+def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar_root):
+    from ddpm_lightning.module import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    p = subprocess.run([python, str(ROOT / "train.py"), "experiment=smoke", f"data.root={cifar_root}", "data.classes=[cat,ship]",
+                        "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=1", "logger=csv", "recipe=fast",
+                        "recipe.dropout=0.1", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = load_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), device="cpu")
+    assert list(m.hparams.net["attention"]) == [8, 4] and attention_resolutions_of(m.net) == [8, 4, 8]
+    assert (m.hparams.loss_weighting, m.hparams.lr_decay, m.hparams.dropout) == ("min_snr", "cosine", 0.1)
+    out = tmp_path / "samples"
+    p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "n=2", f"out={out}",
+                        "sampler=ddim", "sampler.steps=2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("net.attention=[8,3]", "net.attention=[8, 3] must be distinct resolutions of the net's blocks; choose from 32, 16, 8, 4"),
+    ("recipe.loss_weighting=snr", "recipe.loss_weighting=snr is not one of none, min_snr"),
+    ("recipe.lr_decay=step", "recipe.lr_decay=step is not one of constant, cosine"),
+    ("recipe.grad_clip=0", "recipe.grad_clip=0.0 must be > 0"),
+    ("recipe.betas=[0.9]", "recipe.betas=[0.9] must be two numbers in [0, 1)"),
+    ("recipe.dropout=1.0", "recipe.dropout=1.0 must be in [0, 1)"),
+])
+def test_bad_lever_settings_are_one_line(override, message):
+    from ddpm_lightning import schema
+    from ddpm_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        schema.check(compose(override), "config")
+
+
+def test_old_checkpoints_without_the_settings_rebuild_the_paper_net():
+    """A checkpoint written before net.attention existed has no such key: the net is the paper's, all six attentions."""
+    m = module()
+    assert "attention" not in m.hparams.net and attention_resolutions_of(m.net) == [16, 8, 4, 8, 16, 32]
