@@ -63,7 +63,7 @@ def main():
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--final-samples", type=int, default=1000)
     p.add_argument("--weights", default="../shared/weights/pt_inception-2015-12-05-pool3-only.pth")
-    p.add_argument("--cache-dir", default=".cache/metrics")
+    p.add_argument("--cache-dir", default="cache/fid_stats")  # conf/metrics/default.yaml: shared with train.py and evaluate.py
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from diffusers.optimization import get_cosine_schedule_with_warmup

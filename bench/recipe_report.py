@@ -102,7 +102,7 @@ def main():
                           kid_ci95=[f_ddim["kid_low"], f_ddim["kid_high"]])
         f_anc = d["finals"]["ancestral"]
         lines.append(f"| {d['label']} | {last['step']:,} | {last['step'] * d['s_per_step'] / 60:.1f} min | "
-                     f"{' -> '.join(f'{r['fid']:.0f}' for r in d['along'])} | {iv(last['kid'], last['kid_low'], last['kid_high'], 1e3)} | "
+                     f"{' -> '.join(str(round(r['fid'])) for r in d['along'])} | {iv(last['kid'], last['kid_low'], last['kid_high'], 1e3)} | "
                      f"{fin(f_ddim, 'fid')} | {fin(f_ddim, 'kid', 1e3)} | {fin(f_anc, 'fid')} | {fin(f_anc, 'kid', 1e3)} |")
     any_final = next((d["finals"]["ddim"] for n, d in data.items() if n != "peer" and d["finals"]["ddim"]), None)
     first = next(iter(data.values()))["along"][-1]

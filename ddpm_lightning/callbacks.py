@@ -3,7 +3,6 @@ WeightAveraging callback has swapped the EMA weights in, so they must come befor
 
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -12,23 +11,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
 from ddpm_lightning import metrics
+from ddpm_lightning.files import save_png
 from ddpm_lightning.cluster import SIGNALS, Preempted
 from ddpm_lightning.errors import Interrupted
 
 log = logging.getLogger(__name__)
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write a uint8 (3, H, W) image as PNG through a temporary file, so no half-written file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def sample_grid(module, n_per_class: int, n: int, seed: int, sampler: dict | None = None) -> tuple[torch.Tensor, str]:
@@ -62,7 +53,7 @@ class SampleGrid(L.Callback):
                 grid, caption = sample_grid(pl_module, self.n_per_class, self.n, self.seed)
         except Interrupted:  # a preemption signal: callbacks.Preemption stops the run at the end of this validation
             return
-        save_png(grid, Path(trainer.default_root_dir) / "samples" / f"epoch_{trainer.current_epoch:04d}.png")
+        save_png(grid, Path(trainer.default_root_dir) / "samples" / f"epoch_{trainer.current_epoch:04d}.png", "a sample grid")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step, caption=[caption])
@@ -107,7 +98,7 @@ class FIDCallback(L.Callback):
                 pl_module.log(f"val/{name}{suffix}", value)
             if trainer.is_global_zero:
                 grid = make_grid(preview, nrow=8, padding=2)
-                save_png(grid, Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png")
+                save_png(grid, Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png", "the FID preview grid")
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
                         logger.log_image(f"val/fid_samples{suffix}", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
@@ -237,13 +228,13 @@ def duration(seconds: float) -> str:
 
 
 def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
-    """<dirpath>/last.ckpt, overwritten (atomically, by Lightning's writer) at the end of every epoch."""
+    """<dirpath>/last.ckpt, overwritten at the end of every epoch (atomically: files.checkpoint_io)."""
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
 
 
 class Preemption(L.Callback):
     """Acts on a preemption signal (SIGUSR2 or $SUBMITIT_PREEMPT_SIGNAL, SIGUSR1, SIGTERM; cluster.SIGNALS records it):
-    every rank stops at the same point, rank 0 writes last.ckpt (atomically, Lightning's writer) and cluster.Preempted
+    every rank stops at the same point, rank 0 writes last.ckpt (atomically: files.checkpoint_io) and cluster.Preempted
     ends fit(), so no epoch-end save overwrites it. The points: the next training step (under DDP the ranks agree every
     ``sync_every`` steps), or the end of the validation in progress, whose sample grid and FID sampling stop at their
     next sampler step (DiffusionModule.stop_requested) and log nothing. train.run requeues the job and exits."""

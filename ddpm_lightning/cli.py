@@ -3,12 +3,14 @@
 import contextlib
 import functools
 import itertools
+import logging
 import math
 import os
 import sys
 from pathlib import Path
 
 from ddpm_lightning import schema  # importing it registers the schema with Hydra's ConfigStore, before any composition
+from ddpm_lightning import files
 from ddpm_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,6 +26,11 @@ def exit_on_config_error(fn):
             return fn(*args, **kwargs)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:  # a library's write (a logger's CSV, W&B's files) on a full disk or a read-only place
+            if e.errno not in files.NO_ROOM:
+                raise
+            print(f"error: {files.no_room(e, Path(e.filename or '.'), 'a file', None)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
@@ -188,6 +195,7 @@ def startup(what: str, applies=lambda: True, cfg=None):
 
 
 def main_entry(main, config_name: str) -> None:
+    logging.raiseExceptions = False  # a log handler's failed write (a full disk) is not a traceback; the run's own error says it
     preflight(config_name, sys.argv[1:])
     rank = os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else os.environ.get("RANK")
     if rank not in (None, "0") and not any(a in ("-m", "--multirun") for a in sys.argv):

@@ -2,7 +2,6 @@
 floor, to results.json, a CSV row and W&B; SweepSummary: the table and plot against the guidance weight at the end of
 a multirun."""
 
-import csv
 import json
 import logging
 import os
@@ -20,26 +19,13 @@ from ddpm_lightning import cluster, metrics
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
+from ddpm_lightning import files
+from ddpm_lightning.files import save_figure, write_csv, write_json, write_text
 from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
 FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "fid_ci95", "kid_mean", "kid_std", "kid_ci95",
           "fid_floor", "kid_floor", "is_mean", "is_std", "precision", "recall", "seconds", "ckpt"]
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def job_key(cfg: DictConfig) -> dict:
@@ -54,7 +40,8 @@ def run(cfg: DictConfig) -> None:
     done = Path(HydraConfig.get().runtime.output_dir) / "results.json"
     if done.is_file() and Path(cfg.ckpt).is_file():  # a rerun: nothing to load when this evaluation was made already
         key = job_key(cfg)
-        if json.loads(done.read_text()).get("key") == key:
+        previous = files.load_or_none(done, lambda p: json.loads(p.read_text()), "the earlier results file")
+        if previous is not None and previous.get("key") == key:
             log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
             return
     m = cfg.metrics
@@ -94,8 +81,8 @@ def run(cfg: DictConfig) -> None:
                    steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
                    num_samples=num_samples, seed=None if cfg.real else m.seed, **scores, fid_floor=floor["fid"],
                    kid_floor=floor["kid_mean"], seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
-    write_json(run_dir / "results.json", results)
-    write_csv(run_dir / "results.csv", [results])
+    write_json(run_dir / "results.json", results, "the evaluation results")
+    write_csv(run_dir / "results.csv", [results], FIELDS, "the evaluation results")
     log.info(f"{describe(results)} -> {run_dir / 'results.json'}")
     log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
 
@@ -153,8 +140,8 @@ class SweepSummary(Callback):
         rows = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"]))
         if not rows:
             return
-        write_csv(sweep / "summary.csv", rows)
-        (sweep / "summary.md").write_text(summary_table(rows))
+        write_csv(sweep / "summary.csv", rows, FIELDS, "the sweep summary")
+        write_text(sweep / "summary.md", summary_table(rows), "the sweep summary")
         plot_against_w(rows, sweep / "fid_is_vs_w.png")
         log.info(f"sweep summary: {sweep / 'summary.md'}, {sweep / 'fid_is_vs_w.png'}")
 
@@ -206,5 +193,5 @@ def plot_against_w(rows: list[dict], path: Path) -> None:
         ax.set(xlabel="guidance weight w", ylabel=label, title=f"{label} for different guidance levels")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, "the sweep plot", dpi=120)
     plt.close(fig)

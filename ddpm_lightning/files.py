@@ -88,6 +88,23 @@ def write_json(path: str | Path, value, what: str = "a JSON file") -> None:
     write_text(path, json.dumps(value, indent=1), what)
 
 
+def write_csv(path: str | Path, rows: list[dict], fields: list[str], what: str = "a CSV table") -> None:
+    import csv
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue(), what)
+
+
+def append_line(path: str | Path, line: str, what: str = "a log") -> None:
+    """The file with one more line, written whole (a log of a few lines: the old one stays complete if this fails)."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    write_text(path, old + line + "\n", what)
+
+
 def save_torch(obj, path: str | Path, what: str = "a tensor file") -> None:
     import torch
 
@@ -104,6 +121,41 @@ def save_png(image, path: str | Path, what: str = "an image") -> None:
 def save_figure(fig, path: str | Path, what: str = "a figure", **kwargs) -> None:
     """A matplotlib figure, in the format of the path's suffix."""
     atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:], **kwargs), what)
+
+
+def load_or_none(path: Path, load: Callable[[Path], object], what: str):
+    """A cache file's content, or None when it is absent, or unreadable (truncated, garbage, an old format): then one
+    warning line, the file is removed, and the caller recomputes it. A cache is never fatal and never trusted."""
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception as e:
+        log.warning(f"{what} {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]}); recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def checkpoint_io():
+    """Lightning's TorchCheckpointIO with crash-safe local writes (atomic_write: the temp file beside the checkpoint).
+
+    Lightning's own ``_atomic_save`` stages the file in $TMPDIR through an fsspec transaction and commits it with
+    shutil.move, which across filesystems (a node-local $TMPDIR, a run dir on NFS) is a copy that first truncates the
+    previous checkpoint: a kill during it leaves a 0-byte last.ckpt (Lightning-AI/pytorch-lightning#21253). This
+    class can go once Lightning's fix (#21744) has landed in the lightning versions pyproject.toml admits. Remote
+    URLs (s3://, gs://, ...) keep Lightning's path."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from fsspec.implementations.local import LocalFileSystem
+    import torch
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if not isinstance(get_filesystem(path), LocalFileSystem):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_write(path, lambda f: torch.save(checkpoint, f), "a checkpoint")
+
+    return AtomicCheckpointIO()
 
 
 def remove_leftovers(directory: str | Path) -> list[Path]:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ddpm_lightning import files
 from ddpm_lightning.errors import ConfigError, Interrupted
 
 log = logging.getLogger(__name__)
@@ -421,19 +421,24 @@ def reference_statistics(detector: Inception, images: torch.Tensor, key: dict, c
     key = {**key, "num_images": len(images), "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest()}
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"fid_stats_{name}.pt"
-    if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("features") is not None:
-            return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy(), "features": cached["features"], "name": name}
+    cached = files.load_or_none(path, lambda p: cached_statistics(torch.load(p, map_location="cpu", weights_only=True)), "the reference-statistics cache")
+    if cached is not None:
+        return {**cached, "name": name}
     log.info(f"computing reference Inception statistics of {len(images)} images ({key['classes']}, {key['split']}) -> {path}")
     features = extract(detector, images, batch_size, progress=f"reference statistics, {len(images)} real images")[0]
     stats = statistics(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features,
-                "key": json.dumps(key)}, tmp)
-    os.replace(tmp, path)
+    files.save_torch({"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features,
+                      "key": json.dumps(key)}, path, "the reference statistics (cache)")
     return {**stats, "features": features, "name": name}
+
+
+def cached_statistics(cached: dict) -> dict:
+    """The statistics of a cache file, checked: the mean, covariance and features of the right shapes, all finite."""
+    mu, sigma, features = cached["mu"], cached["sigma"], cached["features"]
+    d = mu.shape[0]
+    if sigma.shape != (d, d) or features.ndim != 2 or features.shape[1] != d or not all(bool(torch.isfinite(x).all()) for x in (mu, sigma, features)):
+        raise ValueError(f"shapes {tuple(mu.shape)}, {tuple(sigma.shape)}, {tuple(features.shape)} or values are not those of FID statistics")
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "features": features}
 
 
 def detector_and_reference(weights: str | None, classes: list[str], images: torch.Tensor, split: str, limit: int | None,
@@ -472,15 +477,13 @@ def floor(detector: Inception, reference: dict, test_images: torch.Tensor, num_s
     key = {"reference": reference["name"], "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
            "settings": settings_of(settings)}
     path = Path(cache_dir) / f"floor_{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["scores"]
+    cached = files.load_or_none(path, lambda p: dict(json.loads(p.read_text())["scores"]), "the real-data floor cache")
+    if cached is not None and {"fid", "kid_mean", "num_samples"} <= set(cached):
+        return cached
     log.info(f"computing the real-data floor: {len(images)} real test images against the reference -> {path}")
     scores = {**score_real(detector, reference, images, settings, batch_size, progress=f"real-data floor, {len(images)} test images"),
               "num_samples": len(images)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "scores": scores}))
-    os.replace(tmp, path)
+    files.write_json(path, {"key": key, "scores": scores}, "the real-data floor (cache)")
     return scores
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.cli import CONF, one_line
-from ddpm_lightning import schema
+from ddpm_lightning import files, schema
 from ddpm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def run(argv: list[str]) -> None:
         t0 = time.perf_counter()
         returncode = 0 if skip else subprocess.run(command, cwd=ROOT).returncode
         seconds = round(time.perf_counter() - t0, 1)
-        with open(out / "paper_log.jsonl", "a") as f:
-            f.write(json.dumps({"stage": name, "seconds": seconds, "returncode": returncode, "skipped": skip, "commit": rev,
-                                "started": started, "command": " ".join(command[1:]), "args": argv}) + "\n")
+        files.append_line(out / "paper_log.jsonl", json.dumps({"stage": name, "seconds": seconds, "returncode": returncode, "skipped": skip,
+                                                                "commit": rev, "started": started, "command": " ".join(command[1:]),
+                                                                "args": argv}), "the pipeline's log")
         if returncode:
             raise ConfigError(f"stage '{name}' failed (exit {returncode}); fix what it printed and rerun: finished work is kept")
     log.info(f"paper: done in {time.time() - started:.0f} s; the report is in {out / 'report'}")

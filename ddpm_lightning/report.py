@@ -8,10 +8,11 @@ notebooks/paper_figures.ipynb calls the same functions.
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from ddpm_lightning.files import save_figure, write_bytes, write_text
 
 FLOOR = "real test images"
 
@@ -277,19 +278,19 @@ def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list
                f"fig14_loss_from_epoch_{loss_from_epoch:g}.png": fig_loss(results, loss_from_epoch)}
     written = []
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name, "a report figure", dpi=110)
         plt.close(fig)
         written.append(out / name)
     for name, folder in results["samples"].items():
         for src, dst in (("grid.png", f"samples_{name}.png"), ("reverse_diffusion.png", f"fig07_reverse_{name}.png")):
             if (folder / src).is_file():
-                shutil.copyfile(folder / src, out / dst)
+                write_bytes(out / dst, (folder / src).read_bytes(), "a report figure")
                 written.append(out / dst)
     forward = next((f / "forward_diffusion.png" for f in results["samples"].values() if (f / "forward_diffusion.png").is_file()), None)
     if forward:
-        shutil.copyfile(forward, out / "fig01_forward_diffusion.png")
+        write_bytes(out / "fig01_forward_diffusion.png", forward.read_bytes(), "a report figure")
         written.append(out / "fig01_forward_diffusion.png")
-    (out / "results.md").write_text(table(results) + run_info(results))
-    (out / "results.json").write_text(json.dumps({"summary": summary(results), "sweeps": results["sweeps"], "floors": results["floors"],
-                                                  "log": results["log"]}, indent=1, default=str))
+    write_text(out / "results.md", table(results) + run_info(results), "the report's table")
+    write_text(out / "results.json", json.dumps({"summary": summary(results), "sweeps": results["sweeps"], "floors": results["floors"],
+                                                 "log": results["log"]}, indent=1, default=str), "the report's numbers")
     return written + [out / "results.md", out / "results.json"]

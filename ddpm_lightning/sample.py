@@ -1,9 +1,7 @@
 """run(cfg): images from a checkpoint as a PNG grid, single PNGs and an .npz; optionally the paper's strips."""
 
-import io
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 
-from ddpm_lightning.callbacks import save_png
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset, to_unit_range
 from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.files import atomic_write, save_png
 from ddpm_lightning.module import DiffusionModule, load_checkpoint, to_uint8
 
 log = logging.getLogger(__name__)
@@ -36,11 +34,7 @@ def class_labels(module: DiffusionModule, classes: list[str] | None, n: int) -> 
 
 
 def save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays), "the samples' npz")
 
 
 def evenly(n: int, count: int) -> list[int]:

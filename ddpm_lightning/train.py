@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning import cluster, metrics
+from ddpm_lightning import cluster, files, metrics
 from ddpm_lightning.cli import startup
 from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preemption, ProgressBar, SampleGrid, last_checkpoint
 from ddpm_lightning.cluster import SIGNALS, Preempted
@@ -77,10 +77,8 @@ def wandb_run_id(run_dir: Path) -> str | None:
     if cluster.global_rank() != 0:
         return None
     path = run_dir / "wandb_id.txt"
-    if not path.is_file():
-        tmp = path.with_name(f"wandb_id.txt.tmp{os.getpid()}")
-        tmp.write_text(secrets.token_hex(4))
-        tmp.replace(path)
+    if not path.is_file() or not path.read_text().strip():
+        files.write_text(path, secrets.token_hex(4), "the W&B run id")
     return path.read_text().strip()
 
 
@@ -152,8 +150,8 @@ class TrainingStarted(L.Callback):
 
 def finished(run_dir: Path, max_epochs: int) -> bool:
     """Whether the run dir holds a run that trained to ``max_epochs`` (its done.json, written at the end of fit)."""
-    done = run_dir / "done.json"
-    return done.is_file() and json.loads(done.read_text()).get("max_epochs") == max_epochs
+    done = files.load_or_none(run_dir / "done.json", lambda p: json.loads(p.read_text()), "the done marker")
+    return done is not None and done.get("max_epochs") == max_epochs
 
 
 def run(cfg: DictConfig) -> None:
@@ -183,6 +181,8 @@ def run(cfg: DictConfig) -> None:
 
 def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
     with startup("building the run", cfg=cfg):  # until the first training step: any failure is one line, and nothing is trained
+        if cluster.global_rank() == 0:
+            files.remove_leftovers(run_dir)  # temp files of a run killed while writing
         L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
         data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
         data.setup("fit")  # bad data fails here, before anything is built
@@ -204,13 +204,12 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
                         if k not in ("max_nonfinite", "process_group_timeout")}
         trainer_args |= cluster.trainer_environment(cfg)
         trainer_args |= {"gradient_clip_val": cfg.recipe.grad_clip, "gradient_clip_algorithm": "norm"}
-        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
+        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir,
+                            plugins=[files.checkpoint_io()])
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
     with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
-        tmp = run_dir / "done.json.tmp"
-        tmp.write_text(json.dumps({"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
-                                   "seconds_this_process": round(time.perf_counter() - start, 1)}))
-        tmp.replace(run_dir / "done.json")
+        files.write_json(run_dir / "done.json", {"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
+                                                 "seconds_this_process": round(time.perf_counter() - start, 1)}, "the run's done marker")

@@ -1,7 +1,6 @@
 """The training levers beyond the paper (conf/recipe, net.attention): each one's mechanics, checked against its
 closed form, and the paper's presets leaving every one off."""
 
-import math
 import subprocess
 
 import lightning as L
