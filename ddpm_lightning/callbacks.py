@@ -113,12 +113,15 @@ class EMAModel(AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
+        """One EMA update; a step whose update was skipped (``model.skipped``, a device 0/1 set by
+        DiffusionModule.skip_if_nonfinite) is no update: the EMA and its count stay as they were, with no host read."""
         if self.started is None:
             self.started = bool(self.n_averaged > 0)  # the one host read (a resumed run's count comes from its checkpoint)
         if self.use_buffers:
             averaged, current = [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
         else:
             averaged, current = list(self.parameters()), list(model.parameters())
+        skipped = getattr(model, "skipped", None)
         groups: dict = {}
         for a, c in zip(averaged, current, strict=True):
             group = groups.setdefault((a.device, a.dtype), ([], []))
@@ -126,11 +129,16 @@ class EMAModel(AveragedModel):
             group[1].append(c.detach().to(a.device))
         for a, c in groups.values():
             if self.started:
+                if skipped is not None:  # averaged + keep (current - averaged): the current weights, or the EMA itself after a skip
+                    keep = (1 - skipped).to(a[0].device, a[0].dtype)
+                    c = torch._foreach_sub(c, a)
+                    torch._foreach_mul_(c, keep)
+                    torch._foreach_add_(c, a)
                 self.multi_avg_fn(a, c, self.n_averaged)
             else:
                 torch._foreach_copy_(a, c)
         self.started = True
-        self.n_averaged += 1
+        self.n_averaged += 1 if skipped is None else (1 - skipped).to(self.n_averaged.device, self.n_averaged.dtype)
 
 
 def ema_decay(num_averaged: torch.Tensor, decay: float, warmup: bool) -> torch.Tensor | float:
@@ -157,7 +165,8 @@ def ema_multi_avg_fn(decay: float, warmup: bool = True):
 
 class EMA(WeightAveraging):
     """Lightning's WeightAveraging with an exponential moving average of the weights, theta_ema <- d theta_ema +
-    (1 - d) theta after every optimizer step (foreach ops), and no host read per step (EMAModel). With
+    (1 - d) theta after every optimizer step (foreach ops), and no host read per step (EMAModel). A step that a
+    non-finite loss skipped is no step for the EMA either (Lightning's WeightAveraging would average it in). With
     ``warmup`` the decay d rises as min(decay, (1 + n) / (10 + n)), so short runs and early evaluations do not
     sample from weights that are mostly the initial ones (0.9999^3900 = 68% of them after 3,900 steps)."""
 

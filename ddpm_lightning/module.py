@@ -60,6 +60,7 @@ class DiffusionModule(L.LightningModule):
         self.net.to(memory_format=self.memory_format)
         self.compiled: dict = {}  # "train" / "sample": the compiled U-Net (not a submodule), or the U-Net after a failure
         self.stop_requested = None  # during training, callbacks.Preemption's test: sampling stops at the next step when true
+        self.skipped = None  # during training, 1 (on the device) when the last update was skipped (a non-finite loss)
 
     def setup(self, stage: str) -> None:
         """torch.compile for training, after Lightning's EMA callback has copied the module."""
@@ -131,6 +132,7 @@ class DiffusionModule(L.LightningModule):
         the run."""
         bad = (~torch.isfinite(loss.detach())).float()
         self.optimizers().optimizer.found_inf = bad
+        self.skipped = bad  # callbacks.EMAModel makes no EMA update for a skipped step
         self.nonfinite_run = bad if self.nonfinite_run is None else (self.nonfinite_run + 1) * bad
         hp = self.hparams
         if (self.global_step + 1) % hp.nonfinite_check_every == 0 and int(self.nonfinite_run.item()) >= hp.max_nonfinite:

@@ -138,12 +138,26 @@ class NaNAfter(DiffusionModule):
 
 
 class Snapshot(L.Callback):
+    """The weights, the optimizer state and the EMA (its weights and count) after the last good update; after the EMA
+    callback in the list, so that its update of that step is in."""
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == NaNAfter.nan_from:  # after the last good update
-            self.good = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+        if trainer.global_step == NaNAfter.nan_from:
+            self.good = state_of(trainer, pl_module)
+
+
+def state_of(trainer, pl_module) -> dict:
+    ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")._average_model
+    opt = trainer.optimizers[0].state_dict()["state"]
+    return {"net": {k: v.clone() for k, v in pl_module.net.state_dict().items()},
+            "optimizer": {(i, k): v.clone() for i, st in opt.items() for k, v in st.items()},
+            "ema": [p.detach().clone() for p in ema.parameters()], "ema_count": ema.n_averaged.clone()}
 
 
 def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
+    """NaN losses from step 7 on: the updates of steps 7 and 8 are skipped, and step 9's third NaN in a row stops the
+    run. Weights, Adam's moments and step counts, and the EMA's weights and count stay those after step 6; gradient
+    clipping (which turns the NaN gradients into NaN, not into a finite step) does not change that."""
     from ddpm_lightning.callbacks import EMA, last_checkpoint
 
     torch.manual_seed(0)
@@ -153,11 +167,15 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
     snap, ema = Snapshot(), EMA(0.9)
     ckpt = last_checkpoint(tmp_path / "checkpoints")
     trainer = L.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[snap, ema, ckpt])
+                        default_root_dir=tmp_path, callbacks=[ema, snap, ckpt], gradient_clip_val=1.0)
     with pytest.raises(NonFiniteLoss, match=r"training stopped at step 9 \(epoch 1\): the loss was not finite for 3 consecutive steps"):
         trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
-    assert all(torch.equal(m.net.state_dict()[k], snap.good[k]) for k in snap.good)  # no update after the NaNs began
-    assert all(torch.isfinite(p).all() for p in ema._average_model.parameters())  # nothing non-finite reached the EMA
+    now, good = state_of(trainer, m), snap.good
+    assert all(torch.equal(now["net"][k], good["net"][k]) for k in good["net"])  # no update after the NaNs began
+    assert now["optimizer"].keys() == good["optimizer"].keys()
+    assert all(torch.equal(now["optimizer"][k], good["optimizer"][k]) for k in good["optimizer"])  # moments and step counts
+    assert all(torch.equal(a, b) for a, b in zip(now["ema"], good["ema"], strict=True))  # the EMA made no update either
+    assert int(now["ema_count"]) == int(good["ema_count"]) == 7
     saved = load(tmp_path / "checkpoints" / "last.ckpt")  # the epoch-0 checkpoint is intact
     assert saved["global_step"] == 5 and all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
@@ -205,11 +223,32 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(python, simple_run,
     assert ckpt.read_bytes() == before
 
 
+class RunsOnUnpickling:
+    """An object whose unpickling runs a shell command (here: creating a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_crafted_checkpoints_with_pickled_callables_are_refused(tmp_path):
-    path = tmp_path / "evil.ckpt"
-    torch.save({"hyper_parameters": {"net": {}}, "state_dict": {}, "payload": os.system}, path)
+    """A checkpoint that is valid in every respect (it loads without its payload) but carries a pickled callable:
+    loading it runs nothing (no marker) and fails in one line."""
+    import lightning
+
+    m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=20), class_names=["cat"],
+                        conditional=False, p_uncond=0.0, guidance_w=0.0, sampler=dict(name="ddim", steps=2))
+    valid = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "epoch": 0, "global_step": 0,
+             "pytorch-lightning_version": lightning.__version__}
+    torch.save(valid, tmp_path / "valid.ckpt")
+    assert torch.equal(load_checkpoint(str(tmp_path / "valid.ckpt"), device="cpu").net.outc.weight, m.net.outc.weight)
+    marker = tmp_path / "payload_ran"
+    torch.save({**valid, "payload": RunsOnUnpickling(marker)}, tmp_path / "evil.ckpt")
     with pytest.raises(ConfigError, match="cannot load checkpoint .*evil.ckpt"):
-        load_checkpoint(str(path))
+        load_checkpoint(str(tmp_path / "evil.ckpt"), device="cpu")
+    assert not marker.exists()  # the payload never ran
 
 
 def calls_of(source: str, name: str) -> list[str]:
