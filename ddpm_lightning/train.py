@@ -148,6 +148,22 @@ class TrainingStarted(L.Callback):
         self.stepped = True
 
 
+def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> list[L.Callback]:
+    """The training callbacks, in the order that matters: TrainingStarted first; the sampling callbacks before the EMA
+    callback, so that at the end of a validation they run while the EMA weights are swapped in."""
+    return [
+        TrainingStarted(),  # first, so that it marks the first step before any callback can stop the run
+        SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
+        *fid_callback(cfg, data),
+        EMA(**cfg.callbacks.ema),
+        last_checkpoint(run_dir / "checkpoints"),
+        Preemption(run_dir / "checkpoints" / "last.ckpt"),
+        ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+        LearningRateMonitor(logging_interval="step"),
+        ETA(),
+    ]
+
+
 def finished(run_dir: Path, max_epochs: int) -> bool:
     """Whether the run dir holds a run that trained to ``max_epochs`` (its done.json, written at the end of fit)."""
     done = files.load_or_none(run_dir / "done.json", lambda p: json.loads(p.read_text()), "the done marker")
@@ -189,17 +205,8 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         module = build_module(cfg, data.classes)
         ckpt_path = resume_from(cfg, run_dir, module)
         log_prior_gap(module.schedule)
-        callbacks = [
-            started := TrainingStarted(),  # first, so that it marks the first step before any callback can stop the run
-            SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
-            *fid_callback(cfg, data),
-            EMA(**cfg.callbacks.ema),
-            last_checkpoint(run_dir / "checkpoints"),
-            Preemption(run_dir / "checkpoints" / "last.ckpt"),
-            ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
-            LearningRateMonitor(logging_interval="step"),
-            ETA(),
-        ]
+        callbacks = build_callbacks(cfg, data, run_dir)
+        started = callbacks[0]
         trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                         if k not in ("max_nonfinite", "process_group_timeout")}
         trainer_args |= cluster.trainer_environment(cfg)

@@ -65,17 +65,37 @@ class RecordWeights(L.Callback):
         self.training_weights = copy.deepcopy(pl_module.net.state_dict())
 
 
-def test_sampling_callbacks_see_the_ema_weights(cifar_root, tmp_path):
-    """With decay 1 the EMA stays at the weights after the first step: that is what the sampling callbacks see."""
+def test_sampling_callbacks_see_the_ema_weights(cifar_root, tmp_path, monkeypatch):
+    """The callbacks that train.py builds, in its order: with decay 1 the EMA stays at the weights after the first
+    step, and that is what the sample grid draws from (FID takes the same place in the list)."""
+    from hydra import compose, initialize_config_dir
+
+    from ddpm_lightning.cli import CONF
+    from ddpm_lightning.train import build_callbacks, build_module
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "model=improved", f"data.root={cifar_root}", "data.classes=[cat,ship]",
+                                           "data.max_images=null", "callbacks.sample_grid.n_per_class=1"])
+    cfg.callbacks.ema.decay, cfg.callbacks.ema.warmup = 1.0, False
+    seen = {}
+    draw = SampleGrid.on_validation_epoch_end
+
+    def recording(self, trainer, pl_module):
+        seen.update({k: v.clone() for k, v in pl_module.net.state_dict().items()})
+        return draw(self, trainer, pl_module)
+
+    monkeypatch.setattr(SampleGrid, "on_validation_epoch_end", recording)
     torch.manual_seed(0)
-    m = module()
+    data = CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8)
+    data.setup("fit")
+    m = build_module(cfg, data.classes)
     probe = RecordWeights()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        use_distributed_sampler=False, limit_val_batches=1, default_root_dir=tmp_path,
-                        callbacks=[probe, SampleGrid(n_per_class=1), EMA(1.0, warmup=False)])
-    trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
+    callbacks = build_callbacks(cfg, data, tmp_path)
+    trainer = L.Trainer(max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_progress_bar=False, use_distributed_sampler=False,
+                        limit_val_batches=1, default_root_dir=tmp_path, callbacks=[probe, *[c for c in callbacks if not isinstance(c, ProgressBar)]])
+    trainer.fit(m, datamodule=data)
     first = probe.first_step
-    assert all(torch.equal(probe.seen[k], first[k]) for k in first)
+    assert seen and all(torch.equal(seen[k], first[k]) for k in first)
     assert not all(torch.equal(probe.training_weights[k], first[k]) for k in first)  # training did move them
     assert (tmp_path / "samples" / "epoch_0000.png").is_file()
 

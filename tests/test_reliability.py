@@ -83,22 +83,34 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(python, reference_run,
     assert_same_training_state(load(last), reference)
 
 
+SIGNAL_AT_STEP = """import os, runpy, signal, sys
+from ddpm_lightning.module import DiffusionModule
+step, train = DiffusionModule.training_step, int(sys.argv.pop(1))
+def training_step(self, batch, batch_idx):  # the signal arrives during step `train`, as a scheduler's would
+    if self.global_step == train:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, batch, batch_idx)
+DiffusionModule.training_step = training_step
+sys.argv[0] = {train_py!r}
+runpy.run_path({train_py!r}, run_name="__main__")
+"""
+
+
+def signal_at_step(python, step: int, cmd: list[str]) -> list[str]:
+    """train.py's command, with SIGTERM sent to the process during training step ``step`` (a known point, no sleep)."""
+    return [python, "-c", SIGNAL_AT_STEP.format(train_py=str(ROOT / "train.py")), str(step), *cmd[2:]]
+
+
 def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, reference_run, tmp_path):
     root, reference = reference_run
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=open(tmp_path / "out", "w"), stderr=subprocess.STDOUT)
-    wait_for(lambda: epoch_of(last) >= 0 or proc.poll() is not None)
-    time.sleep(1.0)  # into the next epoch
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=300)
-    out = (tmp_path / "out").read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]  # saved and stopped, not "completed"
-    assert "; not requeued (SIGTERM: scancel" in out
-    stopped_at = load(last)["global_step"]
-    assert 0 < stopped_at < 200
-    if stopped_at % 50 == 0:
-        pytest.skip("the signal landed on an epoch boundary; the mid-epoch case was not exercised this time")
+    p = subprocess.run(signal_at_step(python, 70, train_cmd(python, root, run_dir, "trainer.max_epochs=4")), capture_output=True, text=True,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]  # saved and stopped, not "completed"
+    assert "SIGTERM after step 71 (epoch 1)" in out and "; not requeued (SIGTERM: scancel" in out
+    assert load(last)["global_step"] == 71  # mid-epoch: 50 steps an epoch
     p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training_state(load(last), reference)  # 200 steps in all, each batch and noise draw exactly once
