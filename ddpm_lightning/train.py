@@ -211,8 +211,8 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
                         if k not in ("max_nonfinite", "process_group_timeout")}
         trainer_args |= cluster.trainer_environment(cfg)
         trainer_args |= {"gradient_clip_val": cfg.recipe.grad_clip, "gradient_clip_algorithm": "norm"}
-        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir,
-                            plugins=[files.checkpoint_io()])
+        trainer_args["plugins"] = [*trainer_args.get("plugins", []), files.checkpoint_io()]  # crash-safe checkpoint writes
+        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
     with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):

@@ -151,6 +151,57 @@ def test_a_signal_during_the_fid_evaluation_stops_every_rank_within_seconds(pyth
     assert "val/fid" not in (run_dir / "csv" / "metrics.csv").read_text()
 
 
+def test_a_signal_during_the_fid_evaluation_stops_within_seconds_one_process(python, detector_file, tmp_path):
+    """The default suite's case of the slow two-rank test above: one process, a small reference, SIGUSR2 once the
+    epoch's grid is drawn, while the FID's 400 ancestral samples are being made."""
+    root = make_cifar(tmp_path / "cifar", n_train=50)
+    run_dir = tmp_path / "run"
+    grid = run_dir / "samples" / "epoch_0001.png"
+    args = [a for a in train_args(root, run_dir, "trainer.max_epochs=4", "sampler=ancestral", "callbacks.fid.every_n_epochs=2",
+                                  f"metrics.inception_weights={detector_file}", "metrics.num_samples=400", "metrics.batch_size=50",
+                                  f"metrics.cache_dir={tmp_path / 'cache'}", "metrics.reference_images=20", "trainer.devices=1")
+            if a not in ("trainer=ddp", "trainer.devices=2")]
+    out = open(tmp_path / "out", "w+")
+    proc = subprocess.Popen([python, str(ROOT / "train.py"), *args], stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: grid.is_file() or proc.poll() is not None)  # the grid is drawn: FID sampling follows
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR2)
+    signalled = time.time()
+    proc.wait(timeout=120)
+    out.seek(0)
+    text = out.read()
+    assert time.time() - signalled < 20
+    assert proc.returncode == 128 + signal.SIGUSR2, text[-3000:]
+    assert "SIGUSR2 during the validation after step" in text
+    assert "val/fid" not in (run_dir / "csv" / "metrics.csv").read_text()  # the stopped evaluation logged nothing
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] % 25 == 0
+
+
+def test_a_hung_rank_ends_the_other_after_the_process_group_timeout(python, slurm_reference, tmp_path):
+    """SIGSTOP on rank 1 mid-training: rank 0 waits trainer.process_group_timeout (10 s) in its next collective, then
+    ends with one line; the last checkpoint is whole."""
+    root, _ = slurm_reference
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    procs = start_ranks(python, train_args(root, run_dir, "trainer.max_epochs=4", "trainer.process_group_timeout=10"),
+                        slurm_env(tmp_path, new_job_id()))
+    try:
+        wait_for(lambda: last.is_file() or any(p.poll() is not None for p in procs))
+        time.sleep(1.0)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        out = finish(procs[:1], timeout=90)[0]
+        took = time.time() - stopped
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode == 1 and 10 <= took < 60, (took, out[-3000:])
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2 lost the others at step") and "a rank died or hung" in errors[0]
+    assert "Traceback" not in out
+    assert load(last)["global_step"] % 25 == 0
+
+
 def test_a_dead_rank_ends_the_other_with_one_line_and_the_next_run_resumes(python, slurm_reference, tmp_path):
     root, _ = slurm_reference
     run_dir = tmp_path / "run"
