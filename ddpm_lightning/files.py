@@ -52,28 +52,32 @@ def no_room(e: OSError, path: Path, what: str, size: int | None) -> DiskFull:
                     "intact): free space or point the output elsewhere, then rerun (a training resumes from its last.ckpt)")
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None], what: str = "a file") -> None:
-    """Write ``path`` crash-safely: ``write(f)`` fills a temp file beside it, which is fsynced and moved onto ``path``."""
+def atomic_write(path: str | Path, write: Callable[[io.BytesIO], None], what: str = "a file") -> None:
+    """Write ``path`` crash-safely: ``write(f)`` serialises into memory (as Lightning's own _atomic_save does), so the
+    size is known; the bytes go to a temp file beside the target, which is fsynced and moved onto ``path``."""
     path = Path(path)
-    size = None
+    buffer = io.BytesIO()
+    write(buffer)
+    data = buffer.getbuffer()
     tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
-            size = f.tell()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in NO_ROOM:
-            raise no_room(e, path, what, size if size is not None else getattr(e, "needed", None)) from None
+            raise no_room(e, path, what, len(data)) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        data.release()
 
 
 def write_bytes(path: str | Path, data: bytes, what: str = "a file") -> None:
