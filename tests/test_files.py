@@ -115,13 +115,14 @@ def big_train_cmd(python, root, run_dir, *extra):
 
 
 def kill_during_save(python, cmd, run_dir: Path, save: int, delay: float, env: dict) -> None:
-    """Start training and SIGKILL it ``delay`` s after the ``save``-th checkpoint write began (its temp file appeared)."""
-    ckpts = run_dir / "checkpoints"
+    """Start training and SIGKILL it ``delay`` s after the ``save``-th checkpoint write began: a temp file appeared
+    beside last.ckpt (files.checkpoint_io) or in $TMPDIR (where Lightning's own writer stages it)."""
+    ckpts, tmpdir = run_dir / "checkpoints", Path(env["TMPDIR"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     seen, writing = 0, False
     start = time.time()
     while proc.poll() is None and time.time() - start < 600:
-        now = bool(list(ckpts.glob(f".last.ckpt{files.TMP_MARK}*"))) if ckpts.is_dir() else False
+        now = (ckpts.is_dir() and bool(list(ckpts.glob(f".last.ckpt{files.TMP_MARK}*")))) or any(p.is_file() for p in tmpdir.rglob("*"))
         if now and not writing:
             seen += 1
             if seen == save:
