@@ -61,6 +61,7 @@ def writable_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)") from None
+    files.remove_leftovers(path)  # temp files of a run killed while writing here
     return path
 
 
