@@ -144,12 +144,15 @@ def assert_killed_cleanly(run_dir: Path, tmpdir: Path) -> dict:
     return state
 
 
-def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one_that_loads(python, tmpfs, tmp_path):
-    fs = tmpfs("2g")
-    root = make_cifar(tmp_path / "cifar", n_train=4)
+def two_filesystems(tmpfs, tmp_path):
+    """A 2 GB tmpfs for the run dirs, 8 training images, and $TMPDIR on the root filesystem."""
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    return tmpfs("2g"), make_cifar(tmp_path / "cifar", n_train=4), tmpdir, {**os.environ, "TMPDIR": str(tmpdir)}
+
+
+def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one_that_loads(python, tmpfs, tmp_path):
+    fs, root, tmpdir, env = two_filesystems(tmpfs, tmp_path)
     run_dir = fs / "run"
     kill_during_save(python, big_train_cmd(python, root, run_dir), run_dir, save=2, delay=0.05, env=env)
     state = assert_killed_cleanly(run_dir, tmpdir)
@@ -162,11 +165,7 @@ def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one
 
 @pytest.mark.slow  # about 10 minutes: many kills of a 373 MB checkpoint write, each resumed to the end
 def test_sigkills_at_many_points_of_the_saves_leave_a_checkpoint_that_resumes_bit_exact(python, tmpfs, tmp_path):
-    fs = tmpfs("2g")
-    root = make_cifar(tmp_path / "cifar", n_train=4)
-    tmpdir = tmp_path / "tmpdir"
-    tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    fs, root, tmpdir, env = two_filesystems(tmpfs, tmp_path)
     p = subprocess.run(big_train_cmd(python, root, tmp_path / "reference"), capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     reference = load(tmp_path / "reference" / "checkpoints" / "last.ckpt")
