@@ -50,8 +50,11 @@ peer() {
     --eval-every $((PEER_STEPS / 5)) --out "$OUT/peer.json" > "$OUT/peer.log" 2>&1
 }
 
-(train paper recipe=paper && final paper ddim 1000 && final paper ancestral 500 sampler=ancestral) &
-(train fast recipe=fast && final fast ddim 1000 && final fast ancestral 500 sampler=ancestral) &
+samplers() {  # the other samplers on a final checkpoint, at N = 500 with the along-run noise (docs/results/recipes_cpu)
+  final "$1" dpm_solver 500 sampler=dpm_solver && final "$1" ddim_eta0 500 sampler=ddim
+}
+(train paper recipe=paper && final paper ddim 1000 && final paper ancestral 500 sampler=ancestral && samplers paper) &
+(train fast recipe=fast && final fast ddim 1000 && final fast ancestral 500 sampler=ancestral && samplers fast) &
 peer &
 wait
 if [ -n "${SINGLES:-}" ]; then

@@ -162,24 +162,31 @@ def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
         assert list(cfg.net.attention) == [8, 4], experiment
         assert (cfg.sampler.name, cfg.sampler.eta) == ("ddim", 1.0), experiment
     assert compose("experiment=paper_cpu").recipe.loss_weighting == "none"  # paper_cpu keeps the paper's recipe
-    assert compose("experiment=cars_cpu").recipe.loss_weighting == "min_snr"
+    assert compose("experiment=cars_cpu").recipe.loss_weighting == "none"  # recipe=fast lost the study (docs/results/recipes_cpu)
+    assert compose("recipe=fast").recipe.loss_weighting == "min_snr"
 
 
-def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar_root):
+@pytest.mark.parametrize("attention, runs_at", [("[8,4]", [8, 4, 8]), ("[32,16,8,4]", [16, 8, 4, 8, 16, 32])], ids=["fast", "paper"])
+def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar_root, detector_file, attention, runs_at):
+    """A checkpoint of either placement rebuilds its own net in load_checkpoint, sample.py and evaluate.py."""
     from ddpm_lightning.module import load_checkpoint
 
     run_dir = tmp_path / "run"
     p = subprocess.run([python, str(ROOT / "train.py"), "experiment=smoke", f"data.root={cifar_root}", "data.classes=[cat,ship]",
                         "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=1", "logger=csv", "recipe=fast",
-                        "recipe.dropout=0.1", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+                        "recipe.dropout=0.1", f"net.attention={attention}", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    m = load_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), device="cpu")
-    assert list(m.hparams.net["attention"]) == [8, 4] and attention_resolutions_of(m.net) == [8, 4, 8]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    m = load_checkpoint(str(ckpt), device="cpu")
+    assert attention_resolutions_of(m.net) == runs_at
     assert (m.hparams.loss_weighting, m.hparams.lr_decay, m.hparams.dropout) == ("min_snr", "cosine", 0.1)
-    out = tmp_path / "samples"
-    p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "n=2", f"out={out}",
-                        "sampler=ddim", "sampler.steps=2"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={ckpt}", "n=2", f"out={tmp_path / 'samples'}", "sampler=ddim", "sampler.steps=2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), p.stderr[-3000:]
+    p = subprocess.run([python, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"data.root={cifar_root}", f"metrics.inception_weights={detector_file}",
+                        "metrics.num_samples=10", "metrics.batch_size=10", "metrics.reference_images=20", f"metrics.cache_dir={tmp_path / 'cache'}",
+                        "logger=csv", "sampler=ddim", "sampler.steps=2", f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and (tmp_path / "eval" / "results.json").is_file(), p.stderr[-3000:]
 
 
 @pytest.mark.parametrize("override, message", [
