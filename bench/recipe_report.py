@@ -101,7 +101,8 @@ def main():
             f_ddim = dict(fid=f_ddim["fid"], fid_ci95=[f_ddim["fid_low"], f_ddim["fid_high"]], kid_mean=f_ddim["kid"],
                           kid_ci95=[f_ddim["kid_low"], f_ddim["kid_high"]])
         f_anc = d["finals"]["ancestral"]
-        lines.append(f"| {d['label']} | {last['step']:,} | {last['step'] * d['s_per_step'] / 60:.1f} min | "
+        steps = d["finals"]["ddim"]["step"] if name == "peer" and d["finals"]["ddim"] else last["step"]  # the peer's final point
+        lines.append(f"| {d['label']} | {steps:,} | {steps * d['s_per_step'] / 60:.1f} min | "
                      f"{' -> '.join(str(round(r['fid'])) for r in d['along'])} | {iv(last['kid'], last['kid_low'], last['kid_high'], 1e3)} | "
                      f"{fin(f_ddim, 'fid')} | {fin(f_ddim, 'kid', 1e3)} | {fin(f_anc, 'fid')} | {fin(f_anc, 'kid', 1e3)} |")
     any_final = next((d["finals"]["ddim"] for n, d in data.items() if n != "peer" and d["finals"]["ddim"]), None)
