@@ -163,7 +163,7 @@ def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one
     assert not list((run_dir / "checkpoints").glob(f".*{files.TMP_MARK}*"))  # the killed write's temp file was removed
 
 
-@pytest.mark.slow  # about 10 minutes: many kills of a 373 MB checkpoint write, each resumed to the end
+@pytest.mark.slow  # about 4 minutes: seven kills of a 373 MB checkpoint write, each resumed to the end
 def test_sigkills_at_many_points_of_the_saves_leave_a_checkpoint_that_resumes_bit_exact(python, tmpfs, tmp_path):
     fs, root, tmpdir, env = two_filesystems(tmpfs, tmp_path)
     p = subprocess.run(big_train_cmd(python, root, tmp_path / "reference"), capture_output=True, text=True, timeout=900, env=env)
