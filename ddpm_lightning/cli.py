@@ -30,7 +30,7 @@ def exit_on_config_error(fn):
         except OSError as e:  # a library's write (a logger's CSV, W&B's files) on a full disk or a read-only place
             if e.errno not in files.NO_ROOM:
                 raise
-            print(f"error: {files.no_room(e, Path(e.filename or '.'), 'a file', None)}", file=sys.stderr)
+            print(f"error: {files.no_room(e, Path(e.filename or '.'), 'a file', None, ours=False)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

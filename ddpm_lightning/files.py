@@ -40,16 +40,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def no_room(e: OSError, path: Path, what: str, size: int | None) -> DiskFull:
-    """The one-line error of a write that found no room at ``path``."""
+def no_room(e: OSError, path: Path, what: str, size: int | None, ours: bool = True) -> DiskFull:
+    """The one-line error of a write that found no room at ``path`` (``ours``: written by atomic_write, so the old
+    file is intact; else a library's write, such as the CSV log, which may be cut short)."""
     reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the filesystem is read-only"}[e.errno]
     try:
         free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
     need = f"it needs {size / 1e6:.1f} MB, {free}" if size is not None else free
-    return DiskFull(f"cannot write {what} to {path}: {reason} ({need}); nothing was lost (the previous file, if any, is "
-                    "intact): free space or point the output elsewhere, then rerun (a training resumes from its last.ckpt)")
+    kept = ("nothing was lost (the previous file, if any, is intact)" if ours else
+            "the last checkpoint is intact (a library's own file, such as the CSV log, may be cut short)")
+    return DiskFull(f"cannot write {what} to {path}: {reason} ({need}); {kept}: free space or point the output elsewhere, then "
+                    "rerun (a training resumes from its last.ckpt)")
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BytesIO], None], what: str = "a file") -> None:
