@@ -175,19 +175,32 @@ def trainer_environment(cfg) -> dict:
     return args
 
 
+LOST_WORDS = ("timed out", "timeout", "connection reset", "connection closed", "connection refused", "closed by peer", "pair closure",
+              "socket", "gloo", "nccl")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from or during) is a failed collective: torch.distributed's own
+    error types, or gloo's and NCCL's RuntimeErrors, which say it only in their text (and source path)."""
+    import torch.distributed as dist
+
+    while e is not None:
+        if isinstance(e, dist.DistError) or any(w in str(e).lower() for w in LOST_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def lost_ranks(trainer, run_dir):
     """A collective that fails or times out (another rank died or hung; trainer.process_group_timeout) ends this rank
     with one line and exit code 1. last.ckpt is the last one written whole (Lightning writes it atomically); a rerun
     in the same run dir resumes from it."""
-    import torch.distributed as dist
-
     try:
         yield
     except Exception as e:
         text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split()))  # without the C++ source path
-        lost = isinstance(e, dist.DistError) or any(w in text for w in ("Connection closed by peer", "Connection reset by peer", "Timed out", "NCCL", "gloo"))
-        if trainer.world_size == 1 or not lost:
+        if trainer.world_size == 1 or not lost_peer(e):
             raise
         print(f"error: rank {trainer.global_rank} of {trainer.world_size} lost the others at step {trainer.global_step} "
               f"({type(e).__name__}: {text[:160]}); a rank died or hung. {run_dir / 'checkpoints' / 'last.ckpt'} is the last whole "

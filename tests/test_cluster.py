@@ -197,8 +197,8 @@ def test_a_hung_rank_ends_the_other_after_the_process_group_timeout(python, slur
         procs[1].wait()
     assert procs[0].returncode == 1 and 10 <= took < 60, (took, out[-3000:])
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2 lost the others at step") and "a rank died or hung" in errors[0]
-    assert "Traceback" not in out
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2 lost the others at step") and "a rank died or hung" in errors[0], out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     assert load(last)["global_step"] % 25 == 0
 
 
@@ -407,3 +407,22 @@ def test_a_signal_stops_at_once_before_training_is_recorded_during_it_and_ends_a
     during.handler(signal.SIGUSR2, None)
     after.handler(signal.SIGUSR2, None)
     assert during.requested() and after.requested()
+
+
+def test_a_failed_collective_is_told_from_other_errors_by_its_type_or_text_and_through_its_chain():
+    import torch.distributed as dist
+
+    from ddpm_lightning.cluster import lost_peer
+
+    assert lost_peer(dist.DistBackendError("anything"))
+    assert lost_peer(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Application timeout caused pair closure"))
+    assert lost_peer(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))
+    try:
+        try:
+            raise RuntimeError("Connection reset by peer")
+        except RuntimeError:
+            raise ValueError("the checkpoint callback failed")  # raised while handling the lost collective
+    except ValueError as e:
+        assert lost_peer(e)
+    assert not lost_peer(ValueError("data.batch_size=0 must be at least 1"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x3)"))
