@@ -63,8 +63,9 @@ class FIDCallback(L.Callback):
     """Every ``every_n_epochs`` epochs (at a validation, with the EMA weights): metrics.evaluate on ``num_samples``
     images with the configured sampler, fixed seeds and evenly drawn classes; logs val/fid, val/kid_mean, val/kid_std,
     val/is_mean, val/is_std, the 95% intervals (val/fid_ci95_low, ...), the real-data floor (val/fid_floor,
-    val/kid_floor) and, with metrics.prc, val/precision and val/recall (suffixed _w<w> when several guidance weights
-    are given); and a grid of the first samples. When to evaluate is decided here; how, in metrics.evaluate."""
+    val/kid_floor) and, with metrics.prc, val/precision and val/recall; for an improved model of several classes the
+    class agreement (val/class_acc and its floor); the memorized fraction (val/memorized, val/nn_ratio_median); all
+    suffixed _w<w> when several guidance weights are given; and a grid of the first samples. When to evaluate is decided here; how, in metrics.evaluate."""
 
     def __init__(self, detector, reference: dict, floor: dict, every_n_epochs: int, num_samples: int, guidance_ws: list[float | None],
                  settings: dict, batch_size: int = 250):
@@ -91,7 +92,8 @@ class FIDCallback(L.Callback):
                 scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
             except Interrupted:  # on every rank (metrics.evaluate agrees on it): Preemption stops the run after this validation
                 return
-            scores = {**scores, "fid_floor": self.floor["fid"], "kid_floor": self.floor["kid_mean"]}
+            scores = {**scores, "fid_floor": self.floor["fid"], "kid_floor": self.floor["kid_mean"],
+                      "class_acc_floor": self.floor.get("class_acc"), "memorized_floor": self.floor.get("memorized")}
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
             for name, value in metrics.loggable(scores).items():  # the same numbers on every rank (the states are synced)

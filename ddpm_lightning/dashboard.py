@@ -20,8 +20,12 @@ TRAIN_PANELS = [  # (title, y keys, x range): Fig. 9, 10, 13, 14 against the epo
     ("IS over epochs (Fig. 10)", ["val/is_mean"], (None, None)),
     ("Loss over training (Fig. 13)", ["train/loss_epoch"], (None, None)),
     ("Loss over training, epoch 5 onwards (Fig. 14)", ["train/loss_epoch"], (5, None)),
+    ("Class agreement over epochs (linear probe; real test images)", ["val/class_acc", "val/class_acc_floor"], (None, None)),
+    ("Memorized fraction over epochs (d1/d2 < 1/3)", ["val/memorized", "val/memorized_floor"], (None, None)),
 ]
-SWEEP_PANELS = [("FID for different guidance levels (Fig. 11)", "fid"), ("IS for different guidance levels (Fig. 12)", "is_mean")]
+SWEEP_PANELS = [("FID for different guidance levels (Fig. 11)", "fid"), ("IS for different guidance levels (Fig. 12)", "is_mean"),
+                ("Class agreement for different guidance levels", "class_acc"), ("Precision for different guidance levels", "precision"),
+                ("Recall for different guidance levels", "recall")]
 MEDIA = ["samples", "val/fid_samples"]
 
 

@@ -25,7 +25,8 @@ from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
 FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "fid_ci95", "kid_mean", "kid_std", "kid_ci95",
-          "fid_floor", "kid_floor", "is_mean", "is_std", "precision", "recall", "seconds", "ckpt"]
+          "fid_floor", "kid_floor", "is_mean", "is_std", "precision", "recall", "class_acc", "class_acc_ci95", "class_acc_floor",
+          "memorized", "memorized_ci95", "memorized_floor", "nn_ratio_median", "seconds", "ckpt"]
 
 
 def job_key(cfg: DictConfig) -> dict:
@@ -53,14 +54,16 @@ def run(cfg: DictConfig) -> None:
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
-    detector, reference = metrics.detector_and_reference(
-        m.inception_weights, hp.class_names, load_subset(folder, hp.class_names, m.reference_split)[0],
-        m.reference_split, m.reference_images, m.cache_dir, m.batch_size, module.device)
+    train_images = load_subset(folder, hp.class_names, "train")[0][: cfg.data.max_images]  # what the model trained on
+    reference_images, reference_labels = load_subset(folder, hp.class_names, m.reference_split)
+    detector, reference = metrics.detector_and_reference(m.inception_weights, hp.class_names, reference_images, m.reference_split,
+                                                         m.reference_images, m.cache_dir, m.batch_size, module.device,
+                                                         labels=reference_labels, train_images=train_images)
 
     settings = metrics.settings_of(m)
-    test_images = load_subset(folder, hp.class_names, "test")[0]
+    test_images, test_labels = load_subset(folder, hp.class_names, "test")
     start = time.perf_counter()
-    floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size)
+    floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels)
     if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
         scores, sampler, preview = floor, {"name": "real test images"}, None
     else:
@@ -80,7 +83,8 @@ def run(cfg: DictConfig) -> None:
     results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
                    steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
                    num_samples=num_samples, seed=None if cfg.real else m.seed, **scores, fid_floor=floor["fid"],
-                   kid_floor=floor["kid_mean"], seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
+                   kid_floor=floor["kid_mean"], class_acc_floor=floor.get("class_acc"), memorized_floor=floor.get("memorized"),
+                   seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
     write_json(run_dir / "results.json", results, "the evaluation results")
     write_csv(run_dir / "results.csv", [results], FIELDS, "the evaluation results")
     log.info(f"{describe(results)} -> {run_dir / 'results.json'}")
@@ -90,7 +94,8 @@ def run(cfg: DictConfig) -> None:
 def ci(r: dict, name: str, scale: float = 1.0) -> str:
     """' [low, high]' of a result's 95% interval of ``name`` (fid, kid), scaled, or '' when it has none."""
     low_high = r.get(f"{name}_ci95")
-    return f" [{low_high[0] * scale:.2f}, {low_high[1] * scale:.2f}]" if low_high else ""
+    digits = 3 if name in ("class_acc", "memorized") else 2
+    return f" [{low_high[0] * scale:.{digits}f}, {low_high[1] * scale:.{digits}f}]" if low_high else ""
 
 
 def describe(r: dict) -> str:
@@ -99,6 +104,10 @@ def describe(r: dict) -> str:
             f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})")
     if r.get("precision") is not None:
         text += f", precision {r['precision']:.3f}, recall {r['recall']:.3f}"
+    if r.get("class_acc") is not None:
+        text += f", class agreement {r['class_acc']:.3f}{ci(r, 'class_acc')} (real {r['class_acc_floor']:.3f})"
+    if r.get("memorized") is not None:
+        text += f", memorized {r['memorized']:.3f}{ci(r, 'memorized')} (real {r['memorized_floor']:.3f})"
     return text + (f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}")
 
 
@@ -147,16 +156,23 @@ class SweepSummary(Callback):
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown: per row w, sampler, N, FID and KID (x1e3) with their 95% intervals, the floor, IS, precision/recall."""
+    """Markdown: per row w, sampler, N, FID and KID (x1e3) with their 95% intervals, the floor, IS, precision/recall,
+    class agreement and memorization (with the real test images' values) when they were measured."""
     prc = any(r.get("precision") is not None for r in rows)
-    lines = ["| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS |" + (" precision | recall |" if prc else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if prc else "")]
+    acc = any(r.get("class_acc") is not None for r in rows)
+    mem = any(r.get("memorized") is not None for r in rows)
+    head = "| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS |"
+    head += (" precision | recall |" if prc else "") + (" class agreement [95% CI] (real) |" if acc else "")
+    head += " memorized [95% CI] (real) |" if mem else ""
+    lines = [head, "|" + " --- |" * head.count(" |")]
     for r in rows:
         is_text = f"{r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else "unavailable"
         line = (f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.2f}{ci(r, 'fid')} | "
                 f"{r['kid_mean'] * 1e3:.2f}{ci(r, 'kid', 1e3)} | {r['fid_floor']:.2f} / {r['kid_floor'] * 1e3:.2f} | {is_text} |")
         if prc:
             line += f" {r['precision']:.3f} | {r['recall']:.3f} |" if r.get("precision") is not None else " | |"
+        for key in ("class_acc",) * acc + ("memorized",) * mem:
+            line += f" {r[key]:.3f}{ci(r, key)} ({r[key + '_floor']:.3f}) |" if r.get(key) is not None else " |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -174,10 +190,12 @@ def plot_against_w(rows: list[dict], path: Path) -> None:
         panels.append(("is_mean", "Inception Score", 1.0))
     if all(r.get("precision") is not None for r in rows):
         panels.append(("precision", "precision / recall", 1.0))
+    if all(r.get("class_acc") is not None for r in rows):
+        panels.append(("class_acc", "class agreement (linear probe)", 1.0))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for ax, (key, label, scale) in zip(axes[0], panels):
         values = [r[key] * scale for r in rows]
-        ci_key = {"fid": "fid_ci95", "kid_mean": "kid_ci95"}.get(key)
+        ci_key = {"fid": "fid_ci95", "kid_mean": "kid_ci95", "class_acc": "class_acc_ci95"}.get(key)
         if ci_key and all(r.get(ci_key) for r in rows):
             errors = [[v - r[ci_key][0] * scale for v, r in zip(values, rows)], [r[ci_key][1] * scale - v for v, r in zip(values, rows)]]
             ax.errorbar(ws, values, yerr=errors, fmt="o-", capsize=3, label="95% bootstrap interval")
@@ -187,7 +205,7 @@ def plot_against_w(rows: list[dict], path: Path) -> None:
             ax.plot(ws, values, "o-", label="precision")
         if key == "precision":
             ax.plot(ws, [r["recall"] for r in rows], "s--", label="recall")
-        floor_key = {"fid": "fid_floor", "kid_mean": "kid_floor"}.get(key)
+        floor_key = {"fid": "fid_floor", "kid_mean": "kid_floor", "class_acc": "class_acc_floor"}.get(key)
         if floor_key and rows[0].get(floor_key) is not None:
             ax.axhline(rows[0][floor_key] * scale, color="0.4", ls=":", label=f"real test images (floor, N={rows[0]['num_samples']})")
         ax.set(xlabel="guidance weight w", ylabel=label, title=f"{label} for different guidance levels")

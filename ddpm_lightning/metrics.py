@@ -378,13 +378,143 @@ class PrecisionRecall(PoolFeatures):
         return {"precision": out["precision"], "recall": out["recall"], "f_score": out["f_score"]}
 
 
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2s=(1e-4, 1e-3, 1e-2, 1e-1), seed: int = 0) -> dict:
+    """A linear probe: multinomial logistic regression on standardised pool3 features (full-batch L-BFGS), its L2
+    strength chosen by the accuracy on a held-out fifth, then refitted on all the images. Deterministic."""
+    x = features.double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z, y = (x - mean) / std, labels.long()
+    order = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[: len(z) // 5], order[len(z) // 5 :]
+
+    def fit(rows: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([weight, bias], max_iter=200, tolerance_grad=1e-9, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(z[rows] @ weight + bias, y[rows]) + l2 * (weight * weight).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return weight.detach(), bias.detach()
+
+    def accuracy(weight, bias, rows) -> float:
+        return ((z[rows] @ weight + bias).argmax(1) == y[rows]).double().mean().item()
+
+    held_acc = {l2: accuracy(*fit(kept, l2), held) for l2 in l2s}
+    l2 = max(l2s, key=lambda k: (held_acc[k], k))  # the strongest regularisation among the best
+    weight, bias = fit(torch.arange(len(z)), l2)
+    return {"mean": mean.float(), "std": std.float(), "weight": weight.float(), "bias": bias.float(), "l2": l2,
+            "held_out_acc": held_acc[l2], "train_acc": accuracy(weight, bias, torch.arange(len(z)))}
+
+
+def probe_classes(probe: dict, pool: torch.Tensor) -> torch.Tensor:
+    """The class the probe gives each image's pool3 features."""
+    p = {k: v.to(pool.device) for k, v in probe.items() if isinstance(v, torch.Tensor)}
+    return (((pool.float() - p["mean"]) / p["std"]) @ p["weight"] + p["bias"]).argmax(1)
+
+
+def class_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str, cache_dir: str | Path) -> dict:
+    """The linear probe of a reference's features, cached beside its statistics under the same key (``name``)."""
+    path = Path(cache_dir) / f"probe_{name}.pt"
+    digest = hashlib.sha1(labels.numpy().astype(np.int64).tobytes()).hexdigest()
+
+    def read(p):
+        cached = torch.load(p, map_location="cpu", weights_only=True)
+        if cached["labels_sha1"] != digest or cached["weight"].shape != (features.shape[1], num_classes):
+            raise ValueError("a probe of other labels or classes")
+        return cached
+
+    cached = files.load_or_none(path, read, "the class-probe cache")
+    if cached is not None:
+        return cached
+    log.info(f"fitting the class probe (logistic regression) on {len(features)} reference features -> {path}")
+    probe = {**fit_probe(features, labels, num_classes), "labels_sha1": digest}
+    log.info(f"class probe: held-out accuracy {probe['held_out_acc']:.3f} (L2 {probe['l2']:g}), training accuracy {probe['train_acc']:.3f}")
+    files.save_torch(probe, path, "the class probe (cache)")
+    return probe
+
+
+def fraction_and_interval(hits: torch.Tensor, resamples: int, seed: int) -> tuple[float, list[float] | None]:
+    """The fraction of 0/1 ``hits`` and its 95% bootstrap interval (None without resamples)."""
+    value = hits.double().mean().item()
+    if not resamples:
+        return value, None
+    counts = resample_counts(len(hits), resamples, seed).to(hits.device, torch.float64)
+    return value, interval(counts @ hits.double() / len(hits), value)
+
+
+class ClassAgreement(InImageOrder):
+    """How often the linear probe recognises a generated image as the class it was asked for (class_acc), with its
+    95% bootstrap interval: the offline measure of class identity, which guidance should raise."""
+
+    def __init__(self, probe: dict, resamples: int = 0, seed: int = 0):
+        super().__init__()
+        self.probe, self.resamples, self.seed = probe, resamples, seed
+
+    def update(self, pool: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> None:
+        self.add((probe_classes(self.probe, pool) == labels.to(pool.device)).float(), index)
+
+    def compute(self) -> dict:
+        value, ci = fraction_and_interval(self.in_order(), self.resamples, self.seed)
+        return {"class_acc": value} | ({"class_acc_ci95": ci} if ci else {})
+
+
+@torch.no_grad()
+def nearest_training_images(images: torch.Tensor, train_images: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per uint8 image, the l2 pixel distances (pixels in [0, 1]) to its nearest and second-nearest training image,
+    (N, 2), and their indices, (N, 2). A training image's distance is the smaller of it and its mirror image
+    (training flips them), so a copy of a flipped image is as near as a copy of the image."""
+    x = images.flatten(1).float() / 255
+    xx = (x * x).sum(1, keepdim=True)
+    best_d, best_i = [], []
+    for lo in range(0, len(train_images), chunk):
+        part = train_images[lo : lo + chunk].to(x.device)
+        d2 = []
+        for t in (part, part.flip(-1)):
+            t = t.flatten(1).float() / 255
+            d2.append((xx + (t * t).sum(1)[None] - 2 * x @ t.T).clamp(min=0))
+        d, i = torch.minimum(*d2).topk(min(2, len(part)), dim=1, largest=False)
+        best_d.append(d)
+        best_i.append(i + lo)
+    d, i = torch.cat(best_d, 1), torch.cat(best_i, 1)
+    d, pick = d.topk(2, dim=1, largest=False)
+    return d.sqrt(), i.gather(1, pick)
+
+
+class Memorization(InImageOrder):
+    """The fraction of generated images that copy a training image: d1 / d2 < 1/3, d1 and d2 the l2 pixel distances
+    to the nearest and second-nearest training image (Yoon et al. 2023; Gu et al. 2025), with its 95% bootstrap
+    interval and the median d1 / d2."""
+
+    threshold = 1 / 3
+
+    def __init__(self, train_images: torch.Tensor, resamples: int = 0, seed: int = 0):
+        super().__init__()
+        self.train_images, self.resamples, self.seed = train_images, resamples, seed
+
+    def update(self, images: torch.Tensor, index: torch.Tensor) -> None:
+        d, _ = nearest_training_images(images, self.train_images)
+        self.add(d[:, 0] / d[:, 1].clamp(min=1e-12), index)
+
+    def compute(self) -> dict:
+        ratio = self.in_order()
+        value, ci = fraction_and_interval((ratio < self.threshold).float(), self.resamples, self.seed)
+        return {"memorized": value, "nn_ratio_median": ratio.median().item()} | ({"memorized_ci95": ci} if ci else {})
+
+
 def settings_of(m) -> dict:
     """What the numbers depend on beyond N and the reference, from the metrics.* settings."""
     return {k: m[k] for k in ("kid_subsets", "kid_subset_size", "bootstrap", "seed", "prc")}
 
 
 def metric_collection(detector: Inception, reference: dict, num_images: int, settings: dict) -> MetricCollection:
-    """FID, KID, IS (when the detector and N allow) and precision/recall (``settings['prc']``) on the detector's device.
+    """FID, KID, IS (when the detector and N allow), precision/recall (``settings['prc']``), class agreement (when the
+    reference has a class probe) and memorization (when it has the training images) on the detector's device.
     ``settings``: kid_subsets, kid_subset_size, bootstrap (resamples; 0: no intervals), seed, prc."""
     b, seed = settings["bootstrap"], settings["seed"]
     metrics = {"fid": FID(reference, b, seed),
@@ -393,6 +523,10 @@ def metric_collection(detector: Inception, reference: dict, num_images: int, set
         metrics["is"] = InceptionScore()
     if settings["prc"]:
         metrics["prc"] = PrecisionRecall(reference["features"])
+    if reference.get("probe") is not None:
+        metrics["class_acc"] = ClassAgreement(reference["probe"], b, seed)
+    if reference.get("train_images") is not None:
+        metrics["memorized"] = Memorization(reference["train_images"], b, seed)
     device = next(detector.parameters()).device
     return MetricCollection(metrics, compute_groups=False).to("cpu" if device.type == "mps" else device)  # mps has no float64
 
@@ -442,47 +576,66 @@ def cached_statistics(cached: dict) -> dict:
 
 
 def detector_and_reference(weights: str | None, classes: list[str], images: torch.Tensor, split: str, limit: int | None,
-                           cache_dir: str | Path, batch_size: int, device) -> tuple[Inception, dict]:
-    """What every FID needs, checked before any work: the detector (on ``device``) and the reference statistics of
-    the first ``limit`` (or all) real images of the subset's ``split``, from the cache when it has them."""
+                           cache_dir: str | Path, batch_size: int, device, labels: torch.Tensor | None = None,
+                           train_images: torch.Tensor | None = None) -> tuple[Inception, dict]:
+    """What every evaluation needs, checked before any work: the detector (on ``device``) and the reference statistics
+    of the first ``limit`` (or all) real images of the subset's ``split``, from the cache when it has them; with the
+    images' ``labels`` and more than one class, the class probe on their features (cached with them); with
+    ``train_images`` (what the model trained on), what memorization is measured against."""
     detector = load_inception(weights).to(device)
     images = images[:limit] if limit else images
     key = dict(classes=list(classes), split=split, detector=detector_id(weights))
-    return detector, reference_statistics(detector, images, key, cache_dir, batch_size)
+    reference = reference_statistics(detector, images, key, cache_dir, batch_size)
+    if labels is not None and len(classes) > 1:
+        labels = labels[:limit] if limit else labels
+        reference["probe"] = class_probe(reference["features"], labels, len(classes), reference["name"], cache_dir)
+    if train_images is not None:
+        reference["train_images"] = train_images
+        reference["train_images_sha1"] = hashlib.sha1(train_images.numpy().tobytes()).hexdigest()
+    return detector, reference
 
 
 def score_real(detector: Inception, reference: dict, images: torch.Tensor, settings: dict, batch_size: int,
-               progress: str | None = None) -> dict:
-    """The metrics of real images against the reference, through the same collection as generated ones."""
+               progress: str | None = None, labels: torch.Tensor | None = None) -> dict:
+    """The metrics of real images (with their ``labels`` for the class agreement) against the reference, through the
+    same collection as generated ones."""
+    if labels is None:
+        reference = {**reference, "probe": None}
     collection = metric_collection(detector, reference, len(images), settings)
     device = next(detector.parameters()).device
     with progress_bar(progress, len(images)) as advance:
         for lo in range(0, len(images), batch_size):
-            pool, logits = detector(images[lo : lo + batch_size].to(device))
-            collection.update(pool=pool, logits=logits, index=torch.arange(lo, lo + len(pool), device=device))
+            batch = images[lo : lo + batch_size].to(device)
+            pool, logits = detector(batch)
+            collection.update(pool=pool, logits=logits, index=torch.arange(lo, lo + len(pool), device=device), images=batch,
+                              labels=None if labels is None else labels[lo : lo + batch_size].to(device))
             advance(len(pool))
     return scores_of(collection, detector, len(images))
 
 
 @torch.no_grad()
 def floor(detector: Inception, reference: dict, test_images: torch.Tensor, num_samples: int, settings: dict, cache_dir: str | Path,
-          batch_size: int) -> dict:
+          batch_size: int, test_labels: torch.Tensor | None = None) -> dict:
     """What a perfect model scores at this N: the metrics of the first N real held-out (test) images of the subset
-    against the same reference, cached per (reference, test images, N, detector, settings). With fewer test images
-    than N it says so and uses them all."""
+    against the same reference (the class agreement with their ``test_labels``; memorization against the same training
+    images), cached per (reference, probe, training images, test images, N, detector, settings). With fewer test
+    images than N it says so and uses them all."""
     if len(test_images) < num_samples:
         log.warning(f"the floor: the test split has {len(test_images)} images of the subset, fewer than metrics.num_samples="
                     f"{num_samples}; the floor is computed at N={len(test_images)} and is higher than at N={num_samples}")
     images = test_images[:num_samples]
+    labels = None if test_labels is None or reference.get("probe") is None else test_labels[:num_samples]
     key = {"reference": reference["name"], "images_sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest(),
-           "settings": settings_of(settings)}
+           "settings": settings_of(settings), "probe": None if labels is None else reference["probe"]["labels_sha1"],
+           "train_images": reference.get("train_images_sha1")}
     path = Path(cache_dir) / f"floor_{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    wanted = {"fid", "kid_mean", "num_samples"} | ({"class_acc"} if labels is not None else set()) | ({"memorized"} if key["train_images"] else set())
     cached = files.load_or_none(path, lambda p: dict(json.loads(p.read_text())["scores"]), "the real-data floor cache")
-    if cached is not None and {"fid", "kid_mean", "num_samples"} <= set(cached):
+    if cached is not None and wanted <= set(cached):
         return cached
     log.info(f"computing the real-data floor: {len(images)} real test images against the reference -> {path}")
-    scores = {**score_real(detector, reference, images, settings, batch_size, progress=f"real-data floor, {len(images)} test images"),
-              "num_samples": len(images)}
+    scores = {**score_real(detector, reference, images, settings, batch_size, progress=f"real-data floor, {len(images)} test images",
+                           labels=labels), "num_samples": len(images)}
     files.write_json(path, {"key": key, "scores": scores}, "the real-data floor (cache)")
     return scores
 
@@ -505,8 +658,8 @@ def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: 
     (a preemption signal), every rank raises Interrupted at the same point, before the metrics sync."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(detector.parameters()).device
-    collection = metric_collection(detector, reference, num_samples, settings)
     labels = even_labels(num_samples, len(module.hparams.class_names)).to(module.device) if module.hparams.conditional else None
+    collection = metric_collection(detector, reference if labels is not None else {**reference, "probe": None}, num_samples, settings)
     chunks = math.ceil(num_samples / batch_size)
     preview, stopped = [], False
     for done, k in enumerate(range(rank, chunks, world), 1):
@@ -519,7 +672,8 @@ def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: 
             stopped = True
             break
         pool, logits = detector(images.to(device))
-        collection.update(pool=pool, logits=logits, index=torch.arange(start, start + size, device=device))
+        collection.update(pool=pool, logits=logits, index=torch.arange(start, start + size, device=device), images=images.to(device),
+                          labels=None if y is None else y.to(device))
         if start < 64:
             preview.append((torch.arange(start, start + size, device=images.device)[: 64 - start], images[: 64 - start]))
         if progress:
@@ -531,8 +685,10 @@ def evaluate(module, detector: Inception, reference: dict, num_samples: int, w: 
     if stopped:
         raise Interrupted("a preemption signal arrived during the evaluation")
     if rank >= chunks:  # more ranks than chunks: this one made none, and adds empty states of the right shapes to the sync
+        side = module.hparams.image_size
         collection.update(pool=torch.zeros(0, 2048, device=device), logits=torch.zeros(0, 1008, device=device),
-                          index=torch.zeros(0, dtype=torch.long, device=device))
+                          index=torch.zeros(0, dtype=torch.long, device=device), labels=torch.zeros(0, dtype=torch.long, device=device),
+                          images=torch.zeros(0, 3, side, side, dtype=torch.uint8, device=device))
     index = torch.cat([i for i, _ in preview]) if preview else torch.zeros(0, dtype=torch.long, device=module.device)
     images = torch.cat([x for _, x in preview]) if preview else torch.zeros(0, 3, *[module.hparams.image_size] * 2, dtype=torch.uint8, device=module.device)
     if world > 1:  # the first 64 images may come from several ranks

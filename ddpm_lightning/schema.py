@@ -237,6 +237,12 @@ class DataRoot:
 
 
 @dataclass
+class EvalData:
+    root: str = setting("the folder that holds cifar-10-batches-py/")
+    max_images: Optional[int] = setting("the training images the model saw, the first N of the subset (for memorization); null: all")
+
+
+@dataclass
 class EvaluateConfig:
     metrics: MetricsConfig = setting("FID/KID/IS settings", node=MetricsConfig)
     speed: SpeedConfig = setting("sampling speed options for this device", node=SpeedConfig)
@@ -246,7 +252,7 @@ class EvaluateConfig:
     guidance: EvalGuidance = setting("guidance", node=EvalGuidance)
     real: bool = setting("score real test images instead: the floor")
     device: str = setting("auto, cpu, cuda, cuda:N or mps")
-    data: DataRoot = setting("data", node=DataRoot)
+    data: EvalData = setting("data", node=EvalData)
 
 
 @dataclass

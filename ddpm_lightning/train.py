@@ -83,14 +83,15 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict, dict]:
-    """The FID detector, the reference statistics of the subset's real images and the real-data floor (both cached),
-    on the training device."""
+    """The FID detector, the reference statistics of the subset's real images with their class probe, the training
+    images (for memorization) and the real-data floor (all cached), on the training device."""
     m = cfg.metrics
-    images = data.train_images if m.reference_split == "train" else data.test_images
+    images, labels = (data.train_images, data.train_labels) if m.reference_split == "train" else (data.test_images, data.test_labels)
     device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
     detector, reference = metrics.detector_and_reference(m.inception_weights, data.classes, images, m.reference_split, m.reference_images,
-                                                         m.cache_dir, m.batch_size, device)
-    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metrics.settings_of(cfg.metrics), m.cache_dir, m.batch_size)
+                                                         m.cache_dir, m.batch_size, device, labels=labels, train_images=data.train_images)
+    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metrics.settings_of(cfg.metrics), m.cache_dir, m.batch_size,
+                          test_labels=data.test_labels)
     return detector, reference, floor
 
 

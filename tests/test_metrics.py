@@ -216,3 +216,120 @@ def test_three_ranks_give_the_single_process_scores(detector_file, tmp_path):
     for key in ("fid_ci95", "kid_ci95"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-5), key
     assert ddp["preview_len"] == single["preview_len"] == 10 and ddp["preview_sum"] == single["preview_sum"]
+
+
+def colour_images(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Images of three easily told classes: class k is noise around a colour bright in channel k."""
+    base = torch.full((len(labels), 3, 1, 1), 50.0)
+    base[torch.arange(len(labels)), labels % 3] = 200.0
+    return (base + 30 * torch.randn(len(labels), 3, 32, 32, generator=g)).clamp(0, 255).round().to(torch.uint8)
+
+
+class StubModel:
+    """A 'model' for metrics.evaluate: class k's images are colour_images of class k + shift, or, with ``copies``,
+    training images (half of them mirrored, all with a little noise)."""
+
+    def __init__(self, num_classes: int = 3, shift: int = 0, copies: torch.Tensor | None = None):
+        from types import SimpleNamespace
+
+        self.hparams = SimpleNamespace(class_names=[f"class{k}" for k in range(num_classes)], conditional=True, image_size=32)
+        self.device, self.shift, self.copies = torch.device("cpu"), shift, copies
+
+    def sample(self, n, labels, w, sampler, generator, batch_size):
+        if self.copies is None:
+            return colour_images((labels + self.shift) % len(self.hparams.class_names), generator)
+        x = self.copies[torch.randint(len(self.copies), (n,), generator=generator)]
+        x = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, x.flip(-1), x)
+        return (x.float() + torch.randint(-3, 4, x.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+
+
+def colour_reference(detector, tmp_path, n: int = 45, train: torch.Tensor | None = None) -> dict:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(n) % 3
+    images = colour_images(labels, g)
+    reference = metrics.reference_statistics(detector, images, dict(classes=["a", "b", "c"], split="train", detector="random"), tmp_path)
+    reference["probe"] = metrics.class_probe(reference["features"], labels, 3, reference["name"], tmp_path)
+    if train is not None:
+        reference["train_images"] = train
+    return reference
+
+
+def test_the_class_probe_learns_separable_features_and_is_cached_under_the_reference_key(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(5, 64, generator=g)
+    labels = torch.arange(500) % 5
+    features = centres[labels] + torch.randn(500, 64, generator=g)
+    probe = metrics.class_probe(features, labels, 5, "abc", tmp_path)
+    assert (tmp_path / "probe_abc.pt").is_file() and probe["held_out_acc"] == 1.0 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    test = centres[labels[:100]] + torch.randn(100, 64, generator=g)
+    assert (metrics.probe_classes(probe, test) == labels[:100]).float().mean() > 0.97
+    monkeypatch.setattr(metrics, "fit_probe", lambda *a, **k: pytest.fail("refitted a cached probe"))
+    again = metrics.class_probe(features, labels, 5, "abc", tmp_path)
+    assert torch.equal(again["weight"], probe["weight"])
+    monkeypatch.undo()
+    other = metrics.class_probe(features, labels.flip(0), 5, "abc", tmp_path)  # other labels under the same name: fitted again
+    assert other["labels_sha1"] != probe["labels_sha1"]
+    noise = metrics.fit_probe(torch.randn(500, 64, generator=g), labels, 5)  # nothing to learn: chance on held-out images
+    assert noise["held_out_acc"] < 0.4
+
+
+def test_class_agreement_is_high_for_images_of_the_asked_class_and_low_otherwise(detector, tmp_path):
+    reference = colour_reference(detector, tmp_path)
+    settings = {**SETTINGS, "kid_subset_size": 10}
+    right = metrics.evaluate(StubModel(), detector, reference, 30, 1.0, settings, batch_size=15)[0]
+    assert right["class_acc"] >= 0.9 and right["class_acc_ci95"][0] <= right["class_acc"] <= right["class_acc_ci95"][1]
+    wrong = metrics.evaluate(StubModel(shift=1), detector, reference, 30, 1.0, settings, batch_size=15)[0]
+    assert wrong["class_acc"] <= 0.1
+    g = torch.Generator().manual_seed(9)
+    test_labels = torch.arange(30) % 3
+    floor = metrics.floor(detector, reference, colour_images(test_labels, g), 30, settings, tmp_path, 15, test_labels=test_labels)
+    assert floor["class_acc"] >= 0.9  # real held-out images: the probe's own accuracy at this N
+
+
+def test_memorization_is_one_for_a_model_that_returns_training_images_and_zero_for_noise(detector, tmp_path):
+    g = torch.Generator().manual_seed(2)
+    train = natural_images(200, seed=3)
+    reference = colour_reference(detector, tmp_path, train=train)
+    settings = {**SETTINGS, "kid_subset_size": 10}
+    copies = metrics.evaluate(StubModel(copies=train), detector, reference, 20, 0.0, settings, batch_size=10)[0]
+    assert copies["memorized"] == 1.0 and copies["nn_ratio_median"] < 0.1
+    fresh = metrics.evaluate(StubModel(), detector, reference, 20, 0.0, settings, batch_size=10)[0]
+    assert fresh["memorized"] == 0.0 and fresh["nn_ratio_median"] > 0.5
+    noise = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g)
+    d, i = metrics.nearest_training_images(torch.cat([train[7:8], train[9:10].flip(-1), noise]), train, chunk=64)
+    assert d[0, 0] == 0 and i[0, 0] == 7 and d[1, 0] == 0 and i[1, 0] == 9  # a copy, and a mirrored copy
+    assert (d[:, 0] <= d[:, 1]).all() and (i[:, 0] != i[:, 1]).all()
+    full = torch.cdist(noise.flatten(1).float() / 255, train.flatten(1).float() / 255)
+    full = torch.minimum(full, torch.cdist(noise.flatten(1).float() / 255, train.flip(-1).flatten(1).float() / 255))
+    assert torch.allclose(d[2:], full.topk(2, dim=1, largest=False).values, atol=1e-3)  # chunked = brute force
+
+
+def _two_rank_worker(rank, world, detector_file, cache, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    scores = _class_and_copy_scores(detector_file, cache)
+    if rank == 0:
+        out.write_text(json.dumps(scores))
+    torch.distributed.destroy_process_group()
+
+
+def _class_and_copy_scores(detector_file, cache):
+    detector = metrics.load_inception(str(detector_file))
+    train = natural_images(60, seed=3)
+    reference = colour_reference(detector, cache, train=train)
+    settings = {**SETTINGS, "kid_subset_size": 10}
+    noisy_labels = metrics.evaluate(StubModel(), detector, reference, 21, 1.0, settings, batch_size=4)[0]  # 6 chunks, 2 ranks
+    copies = metrics.evaluate(StubModel(copies=train[:30]), detector, reference, 21, 1.0, settings, batch_size=4)[0]
+    return {"right": noisy_labels, "copies": copies}
+
+
+def test_two_ranks_give_the_single_process_class_agreement_and_memorization(detector_file, tmp_path):
+    out, cache = tmp_path / "ddp.json", tmp_path / "cache"
+    single = _class_and_copy_scores(detector_file, cache)  # also fills the cache the ranks read
+    mp.spawn(_two_rank_worker, args=(2, detector_file, cache, out, 29500 + (os.getpid() + 7) % 1000), nprocs=2)
+    ddp = json.loads(out.read_text())
+    for case in ("right", "copies"):
+        for key in ("class_acc", "class_acc_ci95", "memorized", "memorized_ci95", "nn_ratio_median", "fid"):
+            assert ddp[case][key] == pytest.approx(single[case][key], rel=1e-6), (case, key)
+    assert single["right"]["class_acc"] >= 0.9 and single["copies"]["memorized"] == 1.0
