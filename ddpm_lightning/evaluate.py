@@ -14,13 +14,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
+from torchvision.utils import make_grid
 
 from ddpm_lightning import cluster, metrics
 from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning import files
-from ddpm_lightning.files import save_figure, write_csv, write_json, write_text
+from ddpm_lightning.files import save_figure, save_png, write_csv, write_json, write_text
 from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,22 @@ def run(cfg: DictConfig) -> None:
                    num_samples=num_samples, seed=None if cfg.real else m.seed, **scores, fid_floor=floor["fid"],
                    kid_floor=floor["kid_mean"], class_acc_floor=floor.get("class_acc"), memorized_floor=floor.get("memorized"),
                    seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
+    if preview is not None and len(preview):
+        save_png(nearest_grid(preview, train_images), run_dir / "nearest.png", "the nearest-training-image grid")
     write_json(run_dir / "results.json", results, "the evaluation results")
     write_csv(run_dir / "results.csv", [results], FIELDS, "the evaluation results")
     log.info(f"{describe(results)} -> {run_dir / 'results.json'}")
     log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
+
+
+def nearest_grid(images: torch.Tensor, train_images: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """Memorization, to look at: of the preview's images, the ``rows`` with the smallest d1/d2, each followed by its
+    nearest and second-nearest training image (two such triples per row, the most copy-like first)."""
+    images = images.cpu()
+    d, i = metrics.nearest_training_images(images, train_images)
+    order = (d[:, 0] / d[:, 1]).argsort()[:rows]
+    triples = torch.stack([images[order], train_images[i[order, 0]], train_images[i[order, 1]]], 1).flatten(0, 1)
+    return make_grid(triples, nrow=6, padding=2)
 
 
 def ci(r: dict, name: str, scale: float = 1.0) -> str:

@@ -66,7 +66,10 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
                          *launcher, f"hydra.sweep.dir={out / 'train'}",
                          "hydra.sweep.subdir=${hydra:runtime.choices.model}_${hydra:runtime.choices.data}"])]
     metrics = OmegaConf.to_container(cfg.metrics, resolve=True) | {"seed": p.eval_seed}
+    if p.eval_num_samples is not None:
+        metrics["num_samples"] = p.eval_num_samples
     common = [f"metrics.{k}={'null' if v is None else v}" for k, v in metrics.items()] + [f"data.root={cfg.data.root}"]
+    common.append(f"data.max_images={'null' if cfg.data.max_images is None else cfg.data.max_images}")  # memorization: what was trained on
     if cfg.logger.wandb is None:
         common.append("logger=csv")
     else:

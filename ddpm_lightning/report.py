@@ -15,6 +15,12 @@ from omegaconf import OmegaConf
 from ddpm_lightning.files import save_figure, write_bytes, write_text
 
 FLOOR = "real test images"
+SCORES = ["fid", "kid_mean", "is_mean", "precision", "recall", "class_acc", "memorized", "nn_ratio_median"]  # val/<key> per evaluation
+FLOORED = ["fid", "kid", "class_acc", "memorized"]  # val/<key>_floor: the real test images' value
+LABELS = {"fid": "FID", "kid_mean": "KID x1e3", "is_mean": "Inception Score", "precision": "precision", "recall": "recall",
+          "class_acc": "class agreement (linear probe)", "memorized": "memorized fraction (d1/d2 < 1/3)"}
+SCALE = {"kid_mean": 1e3}
+FLOOR_OF = {"fid": "fid_floor", "kid_mean": "kid_floor", "class_acc": "class_acc_floor", "memorized": "memorized_floor"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -30,9 +36,10 @@ def load_train(run: Path) -> dict:
     """One training run: its settings, FID/IS per evaluation, the loss per step and per epoch."""
     config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"))
     rows = read_csv(run / "csv" / "metrics.csv")
-    evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "fid": number(r["val/fid"]),
-              "is_mean": number(r.get("val/is_mean")), "is_std": number(r.get("val/is_std")),
-              "fid_ci95": [number(r.get("val/fid_ci95_low")), number(r.get("val/fid_ci95_high"))] if r.get("val/fid_ci95_low") else None}
+    evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "is_std": number(r.get("val/is_std")),
+              **{key: number(r.get(f"val/{key}")) for key in SCORES + [f"{k}_floor" for k in FLOORED]},
+              **{f"{key}_ci95": [number(r[f"val/{key}_ci95_low"]), number(r[f"val/{key}_ci95_high"])] for key in SCORES
+                 if r.get(f"val/{key}_ci95_low")}}
              for r in rows if number(r.get("val/fid")) is not None]
     epochs = [{"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
               for r in rows if number(r.get("train/loss_epoch")) is not None]
@@ -80,7 +87,8 @@ def noise(results: dict) -> dict:
             continue
         last = run["evals"][-1]["fid"]
         w = run["guidance_w"] if run["model"] == "improved" else 0.0
-        again = [r for r in results["sweeps"].get(name, []) if (r["w"] or 0.0) == (w[0] if isinstance(w, list) else w)]
+        again = [r for r in results["sweeps"].get(name, []) if (r["w"] or 0.0) == (w[0] if isinstance(w, list) else w)
+                 and r["num_samples"] == run["num_samples"]]  # FID's bias depends on N: only pairs at the same N
         if again:
             pairs[name] = {"training": last, "again": again[0]["fid"], "seed": again[0]["seed"], "d": again[0]["fid"] - last}
     sd = math.sqrt(sum(p["d"] ** 2 for p in pairs.values()) / (2 * len(pairs))) if pairs else None
@@ -101,6 +109,7 @@ def summary(results: dict) -> dict:
             "first_fid": ev[0]["fid"] if ev else None, "first_epochs": ev[0]["epochs"] if ev else None,
             "last_fid": ev[-1]["fid"] if ev else None, "last_epochs": ev[-1]["epochs"] if ev else None,
             "last_is": ev[-1]["is_mean"] if ev else None,
+            **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
             "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
             "final_loss": run["epoch_loss"][-1]["loss"] if run["epoch_loss"] else None,
             "floor_fid": floor["fid"] if floor else None,
@@ -117,32 +126,39 @@ def _plt():
 
 
 def _floor_lines(ax, results: dict, datas: list[str], key: str = "fid") -> None:
+    scale = SCALE.get(key, 1.0)
     for i, data in enumerate(datas):
         floor = results["floors"].get(data)
         if floor and floor.get(key) is not None:
-            ax.axhline(floor[key], color="0.4", ls=(":", "--", "-.")[i % 3], lw=1, label=f"real test images, {data} (floor at N={floor['num_samples']})")
+            ax.axhline(floor[key] * scale, color="0.4", ls=(":", "--", "-.")[i % 3], lw=1,
+                       label=f"real test images, {data} (floor at N={floor['num_samples']})")
 
 
 def fig_metric_over_epochs(results: dict, key: str = "fid"):
-    """Fig. 9 (FID) and Fig. 10 (IS) over epochs, the four models."""
+    """Fig. 9 (FID) and Fig. 10 (IS) over epochs, and KID, class agreement and memorization the same way: each model,
+    95% intervals as bands, the real test images' value as a line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    label = {"fid": "FID", "is_mean": "Inception Score"}[key]
+    label, scale = LABELS[key], SCALE.get(key, 1.0)
     drawn = False
     for name, run in results["train"].items():
-        points = [(e["epochs"], e[key]) for e in run["evals"] if e[key] is not None]
+        points = [(e["epochs"], e[key] * scale) for e in run["evals"] if e.get(key) is not None]
         if points:
             line, = ax.plot(*zip(*points), "o-", label=name)
             drawn = True
-            bands = [(e["epochs"], *e["fid_ci95"]) for e in run["evals"] if key == "fid" and e.get("fid_ci95")]
+            bands = [(e["epochs"], e[f"{key}_ci95"][0] * scale, e[f"{key}_ci95"][1] * scale) for e in run["evals"] if e.get(f"{key}_ci95")]
             if bands:  # the 95% bootstrap interval of each evaluation
                 ax.fill_between(*zip(*bands), color=line.get_color(), alpha=0.2, lw=0)
-    if key == "fid":
-        _floor_lines(ax, results, sorted({data_name(r) for r in results["train"].values()}))
+    logged = {data_name(r): r["evals"][-1] for r in results["train"].values() if r["evals"] and r["evals"][-1].get(FLOOR_OF.get(key))}
+    for i, (data, e) in enumerate(sorted(logged.items())):  # the floor the training logged, at its own N
+        ax.axhline(e[FLOOR_OF[key]] * scale, color="0.4", ls=(":", "--", "-.")[i % 3], lw=1,
+                   label=f"real test images, {data} (floor at N={first_run(results)['num_samples']})")
+    if key != "is_mean" and not logged:
+        _floor_lines(ax, results, sorted({data_name(r) for r in results["train"].values()}), key)
     if not drawn:
         ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
                 wrap=True, fontsize=8, transform=ax.transAxes)
-    ax.set(xlabel="epochs trained", ylabel=label, title=f"{label} over epochs (N = {first_run(results)['num_samples']})")
+    ax.set(xlabel="epochs trained", ylabel=label, title=f"{label.split(' (')[0]} over epochs (N = {first_run(results)['num_samples']})")
     if drawn:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -160,32 +176,34 @@ def first_run(results: dict) -> dict:
 
 
 def fig_metric_vs_w(results: dict, key: str = "fid"):
-    """Fig. 11 (FID) and Fig. 12 (IS) against the guidance weight w, for each improved model."""
+    """Fig. 11 (FID) and Fig. 12 (IS) against the guidance weight w, for each improved model; KID, precision and
+    recall, class agreement and memorization the same way (95% intervals as error bars, the floor as a line)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    label = {"fid": "FID", "is_mean": "Inception Score"}[key]
+    label, scale = LABELS[key], SCALE.get(key, 1.0)
     drawn, datas = False, []
     for name, rows in results["sweeps"].items():
         run = results["train"].get(name)
         if not run or run["model"] != "improved":
             continue
-        points = [(r["w"], r[key]) for r in rows if r[key] is not None]
+        points = [(r["w"], r[key] * scale) for r in rows if r.get(key) is not None]
         datas.append(data_name(run))
-        if points and key == "fid" and all(r.get("fid_ci95") for r in rows):  # 95% bootstrap intervals as error bars
-            ax.errorbar(*zip(*points), yerr=[[r["fid"] - r["fid_ci95"][0] for r in rows], [r["fid_ci95"][1] - r["fid"] for r in rows]],
+        ci = f"{key}_ci95"
+        if points and all(r.get(ci) for r in rows):  # 95% bootstrap intervals as error bars
+            ax.errorbar(*zip(*points), yerr=[[(r[key] - r[ci][0]) * scale for r in rows], [(r[ci][1] - r[key]) * scale for r in rows]],
                         fmt="o-", capsize=3, label=f"{name} (95% interval)")
             drawn = True
         elif points:
             ax.plot(*zip(*points), "o-", label=name)
             drawn = True
-    if key == "fid":
-        _floor_lines(ax, results, datas)
+    if key != "is_mean":
+        _floor_lines(ax, results, datas, key)
     if not drawn:
         ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
                 fontsize=8, transform=ax.transAxes)
     else:
         ax.legend(fontsize=7)
-    ax.set(xlabel="guidance weight w (eq. 10)", ylabel=label, title=f"{label} for different guidance levels")
+    ax.set(xlabel="guidance weight w (eq. 10)", ylabel=label, title=f"{label.split(' (')[0]} for different guidance levels")
     fig.tight_layout()
     return fig
 
@@ -225,13 +243,14 @@ def table(results: dict) -> str:
     s = summary(results)
     sd = s["noise"]["sd"]
     fmt = lambda v, p=1: "" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = ["| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss | "
+             "last KID x1e3 | last class agreement | last memorized |", "|" + " --- |" * 12]
     for r in s["rows"]:
         best = "" if r["best_w"] is None else f"{r['best_w']:g} ({r['best_w_fid']:.1f})"
+        kid = None if r["last_kid_mean"] is None else r["last_kid_mean"] * 1e3
         lines.append(f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}) | {fmt(r['last_fid'])} ({r['last_epochs']}) | "
                      f"{fmt(r['drop_in_sd'])} | {fmt(r['last_is'], 2) or 'unavailable'} | {fmt(r['floor_fid'])} | "
-                     f"{best} | {fmt(r['final_loss'], 4)} |")
+                     f"{best} | {fmt(r['final_loss'], 4)} | {fmt(kid)} | {fmt(r['last_class_acc'], 3)} | {fmt(r['last_memorized'], 3)} |")
     lines += ["", "Evaluation noise: each final model scored twice with fresh noise and labels (the training's last FID, "
               "and evaluate.py with paper.eval_seed at the trained w):", "",
               "| model | FID (training seed) | FID (eval seed) | difference |", "| --- | --- | --- | --- |"]
@@ -247,7 +266,20 @@ def table(results: dict) -> str:
                   "| w | " + " | ".join(f"{r['w']:g}" for r in rows) + " |", "| --- " * (len(rows) + 1) + "|",
                   "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in rows) + " |",
                   "| IS | " + " | ".join(fmt(r["is_mean"], 2) or "n/a" for r in rows) + " |"]
+        for key, label in (("kid_mean", "KID x1e3"), ("precision", "precision"), ("recall", "recall"), ("class_acc", "class agreement"),
+                           ("memorized", "memorized")):
+            if any(r.get(key) is not None for r in rows):
+                scale, digits = SCALE.get(key, 1.0), 1 if key == "kid_mean" else 3
+                lines.append(f"| {label} | " + " | ".join(with_interval(r, key, scale, digits) for r in rows) + " |")
     return "\n".join(lines) + "\n"
+
+
+def with_interval(r: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    """A value with its 95% interval, '' when not measured."""
+    if r.get(key) is None:
+        return ""
+    ci = r.get(f"{key}_ci95")
+    return f"{r[key] * scale:.{digits}f}" + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
 
 
 def run_info(results: dict) -> str:
@@ -264,6 +296,30 @@ def run_info(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def class_grids(npz: Path, out: Path, name: str) -> list[Path]:
+    """One grid per class of an improved model's final samples (sample.py's samples.npz): samples_<name>_<class>.png."""
+    import numpy as np
+    import torch
+    from torchvision.utils import make_grid
+
+    from ddpm_lightning.files import save_png
+
+    if not npz.is_file():
+        return []
+    data = np.load(npz)
+    labels, names = data["labels"], [str(c) for c in data["class_names"]]
+    if len(labels) == 0 or len(names) < 2:
+        return []
+    written = []
+    for k, cls in enumerate(names):
+        images = torch.from_numpy(data["images"][labels == k]).permute(0, 3, 1, 2)
+        if len(images):
+            path = out / f"samples_{name}_{cls}.png"
+            save_png(make_grid(images, nrow=min(8, len(images)), padding=2), path, "a report figure")
+            written.append(path)
+    return written
+
+
 def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list[Path]:
     """All the figures, results.md and results.json into ``out``; returns the files written."""
     results = load(runs)
@@ -276,6 +332,13 @@ def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list
                "fig12_is_vs_w.png": fig_metric_vs_w(results, "is_mean"),
                "fig13_loss.png": fig_loss(results, 0),
                f"fig14_loss_from_epoch_{loss_from_epoch:g}.png": fig_loss(results, loss_from_epoch)}
+    measured = lambda key: any(e.get(key) is not None for run in results["train"].values() for e in run["evals"])  # noqa: E731
+    swept = lambda key: any(r.get(key) is not None for rows in results["sweeps"].values() for r in rows)  # noqa: E731
+    for key in ("kid_mean", "class_acc", "memorized", "precision", "recall"):  # beyond the paper: where they were measured
+        if measured(key):
+            figures[f"{key}_over_epochs.png"] = fig_metric_over_epochs(results, key)
+        if swept(key):
+            figures[f"{key}_vs_w.png"] = fig_metric_vs_w(results, key)
     written = []
     for name, fig in figures.items():
         save_figure(fig, out / name, "a report figure", dpi=110)
@@ -286,6 +349,12 @@ def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list
             if (folder / src).is_file():
                 write_bytes(out / dst, (folder / src).read_bytes(), "a report figure")
                 written.append(out / dst)
+    for path in sorted(Path(results["runs"]).glob("eval/*/*/nearest.png")):  # memorization: samples beside their nearest training images
+        dst = out / f"nearest_{path.parent.parent.name}_{path.parent.name}.png"
+        write_bytes(dst, path.read_bytes(), "a report figure")
+        written.append(dst)
+    for name, folder in results["samples"].items():
+        written += class_grids(folder / "samples.npz", out, name)
     forward = next((f / "forward_diffusion.png" for f in results["samples"].values() if (f / "forward_diffusion.png").is_file()), None)
     if forward:
         write_bytes(out / "fig01_forward_diffusion.png", forward.read_bytes(), "a report figure")

@@ -195,6 +195,7 @@ class PaperConfig:
     data: List[str] = setting("the data sets to train on", ["cars", "five_class", "cifar10"])
     guidance_ws: List[Any] = setting("the guidance sweep of each improved model (Fig. 11-12)")
     eval_seed: int = setting("the evaluations' noise (another draw than metrics.seed)")
+    eval_num_samples: Optional[int] = setting("N of the sweeps and the floor beside them; null: metrics.num_samples (the training's N)")
     samples: int = setting("final sample grid size per model")
     loss_from_epoch: float = setting("Fig. 14: the loss from this epoch on")
 
@@ -378,6 +379,7 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "paper.data": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list without repeats"),
     "paper.guidance_ws": (lambda v: len(v) >= 1 and all(_number(w) and w >= -1 for w in v), "a non-empty list of weights >= -1, e.g. [0,0.5,1,2,3,4]"),
     "paper.eval_seed": (lambda v: v >= 0, ">= 0"),
+    "paper.eval_num_samples": (lambda v: v >= 2, ">= 2 (or null: metrics.num_samples)"),
     "paper.samples": (lambda v: v >= 1, ">= 1"),
     "paper.loss_from_epoch": (lambda v: v >= 0, ">= 0"),
     "n": (lambda v: v >= 1, ">= 1"),

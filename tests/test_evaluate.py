@@ -28,6 +28,9 @@ def test_evaluate_py_writes_results_and_logs_to_wandb(python, smoke_run, detecto
     assert results["fid_ci95"][0] < results["fid"] < results["fid_ci95"][1]
     assert results["kid_ci95"][0] < results["kid_mean"] < results["kid_ci95"][1] and results["kid_std"] >= 0
     assert results["fid_floor"] > 0 and results["kid_floor"] is not None
+    assert 0 <= results["class_acc"] <= 1 and results["class_acc_ci95"][0] <= results["class_acc"] <= results["class_acc_ci95"][1]
+    assert 0 <= results["class_acc_floor"] <= 1 and 0 <= results["memorized"] <= 1 and results["memorized_floor"] is not None
+    assert (tmp_path / "e" / "nearest.png").stat().st_size > 500  # the samples beside their nearest training images
     row = next(csv.DictReader(open(tmp_path / "e" / "results.csv")))
     assert float(row["fid"]) == pytest.approx(results["fid"]) and float(row["kid_mean"]) == pytest.approx(results["kid_mean"])
     assert "FID" in p.stderr + p.stdout and "real-data floor" in p.stderr + p.stdout
@@ -51,9 +54,10 @@ def test_guidance_sweep_gives_one_result_per_w_and_the_summary(python, smoke_run
     assert len(list(sweep.glob("*/results.json"))) == 2
     assert len({r.name for r in sweep.glob("*/wandb/offline-run-*")}) == 2
     table = (sweep / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS | precision | recall |")
+    assert table[0].startswith("| w | sampler | steps | N | FID [95% CI] | KID x1e3 [95% CI] | floor FID / KID x1e3 | IS | precision | recall | "
+                               "class agreement [95% CI] (real) | memorized [95% CI] (real) |")
     assert table[2].startswith("| 0.0 | ddim | 3 | 10 |") and table[3].startswith("| 2.0 | ddim | 3 | 10 |")
-    assert table[2].count("[") == 2  # the intervals of FID and KID
+    assert table[2].count("[") == 4 and table[1].count("---") == table[0].count(" |")  # FID, KID, class agreement, memorized
     assert (sweep / "fid_is_vs_w.png").stat().st_size > 1000
 
 
@@ -67,7 +71,9 @@ def test_training_logs_fid_and_is_for_each_guidance_weight(python, cifar_root, d
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     logged = {k for r in rows for k, v in r.items() if v}
     assert {"val/fid_w0.0", "val/fid_w2.0", "val/is_mean_w0.0", "val/is_std_w2.0", "val/kid_mean_w0.0", "val/kid_std_w2.0",
-            "val/fid_ci95_low_w0.0", "val/fid_ci95_high_w2.0", "val/kid_ci95_low_w2.0", "val/fid_floor_w0.0", "val/kid_floor_w2.0"} <= logged
+            "val/fid_ci95_low_w0.0", "val/fid_ci95_high_w2.0", "val/kid_ci95_low_w2.0", "val/fid_floor_w0.0", "val/kid_floor_w2.0",
+            "val/class_acc_w0.0", "val/class_acc_ci95_low_w2.0", "val/class_acc_floor_w2.0", "val/memorized_w0.0",
+            "val/memorized_floor_w2.0", "val/nn_ratio_median_w2.0"} <= logged
     assert (run_dir / "samples" / "fid_epoch_0001_w2.0.png").is_file()
 
 

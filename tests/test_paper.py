@@ -44,6 +44,10 @@ def test_all_three_stages_write_their_results(paper_run):
     assert all((report / f).is_file() for f in expected), sorted(p.name for p in report.iterdir())
     table = (report / "results.md").read_text()
     assert "| improved | cars |" in table and "Guidance sweep, improved_cars" in table and "Wall time" in table
+    beyond = ["kid_mean_over_epochs.png", "memorized_over_epochs.png", "kid_mean_vs_w.png", "memorized_vs_w.png"]  # one class: no probe
+    assert all((report / f).is_file() for f in beyond) and not (report / "class_acc_over_epochs.png").exists()
+    assert len(list(report.glob("nearest_improved_cars_w*.png"))) == 2  # each w's samples beside their nearest training images
+    assert "| memorized | " in table and "| KID x1e3 | " in table
     summary = json.loads((report / "results.json").read_text())["summary"]
     improved = next(r for r in summary["rows"] if r["name"] == "improved_cars")
     assert improved["first_epochs"] == 1 and improved["last_epochs"] == 2 and improved["best_w"] in (0.0, 1.0)
@@ -131,3 +135,23 @@ def test_make_paper_takes_the_slurm_launcher_for_every_multirun():
     for name, command in commands.items():
         if name.startswith(("eval", "floor")):  # one-GPU evaluation jobs on the same partition
             assert {"-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"} <= set(command) and "trainer.devices=4" not in command
+
+
+def test_the_report_draws_one_grid_per_class_and_the_class_agreement_of_a_sweep(tmp_path):
+    import numpy as np
+
+    from ddpm_lightning import report
+
+    images = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", images=images, labels=np.arange(10) % 2, class_names=np.array(["cat", "ship"]))
+    written = report.class_grids(tmp_path / "samples.npz", tmp_path, "improved_x")
+    assert [p.name for p in written] == ["samples_improved_x_cat.png", "samples_improved_x_ship.png"]
+    rows = [{"w": w, "fid": 50.0 - w, "is_mean": None, "num_samples": 10, "sampler": "ddim", "steps": 3, "seed": 1, "class_acc": 0.5 + w / 10,
+             "class_acc_ci95": [0.4 + w / 10, 0.6 + w / 10], "memorized": 0.0} for w in (0.0, 1.0)]
+    run = {"model": "improved", "classes": ["cat", "ship"], "evals": [], "epoch_loss": [], "guidance_w": 1.0, "num_samples": 10}
+    results = {"train": {"improved_x": run}, "sweeps": {"improved_x": rows}, "floors": {"cat+ship": {"fid": 10.0, "class_acc": 0.9, "num_samples": 10}},
+               "log": [], "runs": str(tmp_path)}
+    table = report.table(results)
+    assert "| class agreement | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] |" in table and "| memorized | 0.000 | 0.000 |" in table
+    fig = report.fig_metric_vs_w(results, "class_acc")
+    assert fig.axes[0].get_ylabel() == "class agreement (linear probe)" and len(fig.axes[0].lines) >= 2  # the sweep and the floor
