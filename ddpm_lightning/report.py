@@ -20,6 +20,13 @@ FLOORED = ["fid", "kid", "class_acc", "memorized"]  # val/<key>_floor: the real 
 LABELS = {"fid": "FID", "kid_mean": "KID x1e3", "is_mean": "Inception Score", "precision": "precision", "recall": "recall",
           "class_acc": "class agreement (linear probe)", "memorized": "memorized fraction (d1/d2 < 1/3)"}
 SCALE = {"kid_mean": 1e3}
+CI_OF = {"kid_mean": "kid_ci95"}  # the interval's name where it is not <key>_ci95
+
+
+def ci_of(key: str) -> str:
+    return CI_OF.get(key, f"{key}_ci95")
+
+
 FLOOR_OF = {"fid": "fid_floor", "kid_mean": "kid_floor", "class_acc": "class_acc_floor", "memorized": "memorized_floor"}
 
 
@@ -38,8 +45,8 @@ def load_train(run: Path) -> dict:
     rows = read_csv(run / "csv" / "metrics.csv")
     evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "is_std": number(r.get("val/is_std")),
               **{key: number(r.get(f"val/{key}")) for key in SCORES + [f"{k}_floor" for k in FLOORED]},
-              **{f"{key}_ci95": [number(r[f"val/{key}_ci95_low"]), number(r[f"val/{key}_ci95_high"])] for key in SCORES
-                 if r.get(f"val/{key}_ci95_low")}}
+              **{ci_of(key): [number(r[f"val/{ci_of(key)}_low"]), number(r[f"val/{ci_of(key)}_high"])] for key in SCORES
+                 if r.get(f"val/{ci_of(key)}_low")}}
              for r in rows if number(r.get("val/fid")) is not None]
     epochs = [{"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
               for r in rows if number(r.get("train/loss_epoch")) is not None]
@@ -112,7 +119,7 @@ def summary(results: dict) -> dict:
             **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
             "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
             "final_loss": run["epoch_loss"][-1]["loss"] if run["epoch_loss"] else None,
-            "floor_fid": floor["fid"] if floor else None,
+            "floor_fid": ev[-1]["fid_floor"] if ev and ev[-1].get("fid_floor") is not None else floor["fid"] if floor else None,
             "best_w": best["w"] if best else None, "best_w_fid": best["fid"] if best else None,
         })
     return {"rows": rows, "noise": noise(results)}
@@ -146,7 +153,7 @@ def fig_metric_over_epochs(results: dict, key: str = "fid"):
         if points:
             line, = ax.plot(*zip(*points), "o-", label=name)
             drawn = True
-            bands = [(e["epochs"], e[f"{key}_ci95"][0] * scale, e[f"{key}_ci95"][1] * scale) for e in run["evals"] if e.get(f"{key}_ci95")]
+            bands = [(e["epochs"], e[ci_of(key)][0] * scale, e[ci_of(key)][1] * scale) for e in run["evals"] if e.get(ci_of(key))]
             if bands:  # the 95% bootstrap interval of each evaluation
                 ax.fill_between(*zip(*bands), color=line.get_color(), alpha=0.2, lw=0)
     logged = {data_name(r): r["evals"][-1] for r in results["train"].values() if r["evals"] and r["evals"][-1].get(FLOOR_OF.get(key))}
@@ -188,7 +195,7 @@ def fig_metric_vs_w(results: dict, key: str = "fid"):
             continue
         points = [(r["w"], r[key] * scale) for r in rows if r.get(key) is not None]
         datas.append(data_name(run))
-        ci = f"{key}_ci95"
+        ci = ci_of(key)
         if points and all(r.get(ci) for r in rows):  # 95% bootstrap intervals as error bars
             ax.errorbar(*zip(*points), yerr=[[(r[key] - r[ci][0]) * scale for r in rows], [(r[ci][1] - r[key]) * scale for r in rows]],
                         fmt="o-", capsize=3, label=f"{name} (95% interval)")
@@ -256,6 +263,15 @@ def table(results: dict) -> str:
               "| model | FID (training seed) | FID (eval seed) | difference |", "| --- | --- | --- | --- |"]
     for name, p in s["noise"]["pairs"].items():
         lines.append(f"| {name} | {p['training']:.1f} | {p['again']:.1f} | {p['d']:+.1f} |")
+    if not s["noise"]["pairs"]:
+        lines.append("| (no final model was scored again at the training's N: paper.eval_num_samples differs) | | | |")
+    for name, run in results["train"].items():
+        if run["evals"]:
+            lines += ["", f"Along the run, {name} (N = {run['num_samples']}, the training's seed; 95% intervals):", "",
+                      "| step | epochs | FID | KID x1e3 | precision | recall | class agreement | memorized |", "|" + " --- |" * 8]
+            lines += [f"| {e['step']:,} | {e['epochs']} | {with_interval(e, 'fid', 1.0, 1)} | {with_interval(e, 'kid_mean', 1e3, 1)} | "
+                      f"{with_interval(e, 'precision')} | {with_interval(e, 'recall')} | {with_interval(e, 'class_acc')} | "
+                      f"{with_interval(e, 'memorized')} |" for e in run["evals"]]
     if sd is not None:
         lines += ["", f"Noise sd of one FID at this N: sqrt(mean(d^2) / 2) = {sd:.2f} over {len(s['noise']['pairs'])} pairs."]
     for name, rows in results["sweeps"].items():
@@ -264,7 +280,7 @@ def table(results: dict) -> str:
             continue
         lines += ["", f"Guidance sweep, {name} (N = {rows[0]['num_samples']}, {rows[0]['sampler']} {rows[0]['steps']} steps, seed {rows[0]['seed']}):", "",
                   "| w | " + " | ".join(f"{r['w']:g}" for r in rows) + " |", "| --- " * (len(rows) + 1) + "|",
-                  "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in rows) + " |",
+                  "| FID | " + " | ".join(with_interval(r, "fid", 1.0, 1) for r in rows) + " |",
                   "| IS | " + " | ".join(fmt(r["is_mean"], 2) or "n/a" for r in rows) + " |"]
         for key, label in (("kid_mean", "KID x1e3"), ("precision", "precision"), ("recall", "recall"), ("class_acc", "class agreement"),
                            ("memorized", "memorized")):
@@ -278,7 +294,7 @@ def with_interval(r: dict, key: str, scale: float = 1.0, digits: int = 3) -> str
     """A value with its 95% interval, '' when not measured."""
     if r.get(key) is None:
         return ""
-    ci = r.get(f"{key}_ci95")
+    ci = r.get(ci_of(key))
     return f"{r[key] * scale:.{digits}f}" + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
 
 
@@ -288,11 +304,11 @@ def run_info(results: dict) -> str:
     if not log:
         return ""
     total = sum(e["seconds"] for e in log)
-    commits = sorted({e["commit"] for e in log})
-    args = " ".join(log[0]["args"])
-    lines = ["", f"Command: `make paper ARGS=\"{args}\"` (python paper.py {args})", f"Commit: {', '.join(commits)}",
-             f"Wall time: {total / 60:.1f} min in all stages ({len({e['started'] for e in log})} invocation(s)):", ""]
-    lines += [f"- {e['stage']}: {e['seconds'] / 60:.1f} min" for e in log]
+    commits = list(dict.fromkeys(e["commit"] for e in log))
+    commands = list(dict.fromkeys(" ".join(e["args"]) for e in log))
+    lines = [""] + [f"Command: `make paper ARGS=\"{args}\"` (python paper.py {args})" for args in commands]
+    lines += [f"Commit: {', '.join(commits)}", f"Wall time: {total / 60:.1f} min in all stages ({len({e['started'] for e in log})} invocation(s)):", ""]
+    lines += [f"- {e['stage']}: {e['seconds'] / 60:.1f} min" + ("" if e["returncode"] == 0 else f" (exit {e['returncode']})") for e in log]
     return "\n".join(lines) + "\n"
 
 
