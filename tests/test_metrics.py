@@ -243,7 +243,7 @@ class StubModel:
         return (x.float() + torch.randint(-3, 4, x.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
 
 
-def colour_reference(detector, tmp_path, n: int = 45, train: torch.Tensor | None = None) -> dict:
+def colour_reference(detector, tmp_path, n: int = 30, train: torch.Tensor | None = None) -> dict:
     g = torch.Generator().manual_seed(5)
     labels = torch.arange(n) % 3
     images = colour_images(labels, g)
@@ -276,24 +276,24 @@ def test_the_class_probe_learns_separable_features_and_is_cached_under_the_refer
 def test_class_agreement_is_high_for_images_of_the_asked_class_and_low_otherwise(detector, tmp_path):
     reference = colour_reference(detector, tmp_path)
     settings = {**SETTINGS, "kid_subset_size": 10}
-    right = metrics.evaluate(StubModel(), detector, reference, 30, 1.0, settings, batch_size=15)[0]
+    right = metrics.evaluate(StubModel(), detector, reference, 15, 1.0, settings, batch_size=15)[0]
     assert right["class_acc"] >= 0.9 and right["class_acc_ci95"][0] <= right["class_acc"] <= right["class_acc_ci95"][1]
-    wrong = metrics.evaluate(StubModel(shift=1), detector, reference, 30, 1.0, settings, batch_size=15)[0]
+    wrong = metrics.evaluate(StubModel(shift=1), detector, reference, 15, 1.0, settings, batch_size=15)[0]
     assert wrong["class_acc"] <= 0.1
     g = torch.Generator().manual_seed(9)
-    test_labels = torch.arange(30) % 3
-    floor = metrics.floor(detector, reference, colour_images(test_labels, g), 30, settings, tmp_path, 15, test_labels=test_labels)
+    test_labels = torch.arange(15) % 3
+    floor = metrics.floor(detector, reference, colour_images(test_labels, g), 15, settings, tmp_path, 15, test_labels=test_labels)
     assert floor["class_acc"] >= 0.9  # real held-out images: the probe's own accuracy at this N
 
 
 def test_memorization_is_one_for_a_model_that_returns_training_images_and_zero_for_noise(detector, tmp_path):
     g = torch.Generator().manual_seed(2)
-    train = natural_images(200, seed=3)
+    train = natural_images(100, seed=3)
     reference = colour_reference(detector, tmp_path, train=train)
     settings = {**SETTINGS, "kid_subset_size": 10}
-    copies = metrics.evaluate(StubModel(copies=train), detector, reference, 20, 0.0, settings, batch_size=10)[0]
+    copies = metrics.evaluate(StubModel(copies=train), detector, reference, 10, 0.0, settings, batch_size=10)[0]
     assert copies["memorized"] == 1.0 and copies["nn_ratio_median"] < 0.1
-    fresh = metrics.evaluate(StubModel(), detector, reference, 20, 0.0, settings, batch_size=10)[0]
+    fresh = metrics.evaluate(StubModel(), detector, reference, 10, 0.0, settings, batch_size=10)[0]
     assert fresh["memorized"] == 0.0 and fresh["nn_ratio_median"] > 0.5
     noise = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g)
     d, i = metrics.nearest_training_images(torch.cat([train[7:8], train[9:10].flip(-1), noise]), train, chunk=64)
@@ -319,8 +319,8 @@ def _class_and_copy_scores(detector_file, cache):
     train = natural_images(60, seed=3)
     reference = colour_reference(detector, cache, train=train)
     settings = {**SETTINGS, "kid_subset_size": 10}
-    noisy_labels = metrics.evaluate(StubModel(), detector, reference, 21, 1.0, settings, batch_size=4)[0]  # 6 chunks, 2 ranks
-    copies = metrics.evaluate(StubModel(copies=train[:30]), detector, reference, 21, 1.0, settings, batch_size=4)[0]
+    noisy_labels = metrics.evaluate(StubModel(), detector, reference, 10, 1.0, settings, batch_size=4)[0]  # 3 chunks over 2 ranks
+    copies = metrics.evaluate(StubModel(copies=train[:30]), detector, reference, 10, 1.0, settings, batch_size=4)[0]
     return {"right": noisy_labels, "copies": copies}
 
 
