@@ -109,6 +109,7 @@ def test_sigusr2_on_slurm_saves_requeues_and_the_requeued_job_ends_bit_exact(pyt
     assert {r.name.rsplit("-", 1)[1] for r in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
 
 
+@pytest.mark.slow  # 17 s; its 8 s sleep assumes an idle CPU; the one-process FID-signal test stays in the default suite
 def test_a_signal_during_the_sample_grid_stops_every_rank_within_seconds(python, slurm_reference, tmp_path):
     """SIGUSR1 (plain sbatch --signal=USR1@90) while rank 0 draws a long ancestral sample grid at the end of epoch 1."""
     root, _ = slurm_reference
@@ -177,6 +178,7 @@ def test_a_signal_during_the_fid_evaluation_stops_within_seconds_one_process(pyt
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] % 25 == 0
 
 
+@pytest.mark.slow  # 23 s; the default suite keeps the classification of failed collectives (test_a_failed_collective_...)
 def test_a_hung_rank_ends_the_other_after_the_process_group_timeout(python, slurm_reference, tmp_path):
     """SIGSTOP on rank 1 mid-training: rank 0 waits trainer.process_group_timeout (10 s) in its next collective, then
     ends with one line; the last checkpoint is whole."""
@@ -202,6 +204,7 @@ def test_a_hung_rank_ends_the_other_after_the_process_group_timeout(python, slur
     assert load(last)["global_step"] % 25 == 0
 
 
+@pytest.mark.slow  # 19 s; see the hung-rank test
 def test_a_dead_rank_ends_the_other_with_one_line_and_the_next_run_resumes(python, slurm_reference, tmp_path):
     root, _ = slurm_reference
     run_dir = tmp_path / "run"

@@ -29,6 +29,7 @@ def paper_run(tmp_path_factory, python, detector_file):
     return tmp / "runs", stamps, second
 
 
+@pytest.mark.slow  # the make-paper pipeline twice: 104 s of setup; the report's functions are tested below
 def test_all_three_stages_write_their_results(paper_run):
     runs, _, _ = paper_run
     assert json.loads((runs / "train" / "improved_cars" / "done.json").read_text())["max_epochs"] == 2
@@ -55,6 +56,7 @@ def test_all_three_stages_write_their_results(paper_run):
     assert pair["training"] == improved["last_fid"] and pair["again"] == sweep[1]["fid"] and summary["noise"]["sd"] > 0
 
 
+@pytest.mark.slow  # the make-paper pipeline twice: 104 s of setup; the report's functions are tested below
 def test_a_second_run_repeats_no_work(paper_run):
     runs, stamps, second = paper_run
     changed = [str(p) for p, t in stamps.items() if p.stat().st_mtime_ns != t and "report" not in p.parts]
@@ -76,6 +78,7 @@ def test_bad_paper_settings_are_one_line_before_anything_runs(python, tmp_path, 
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # the make-paper pipeline twice: 104 s of setup; the report's functions are tested below
 def test_notebook_draws_the_same_figures(paper_run):
     import nbclient
     import nbformat
@@ -91,6 +94,7 @@ def test_notebook_draws_the_same_figures(paper_run):
     assert len(images) >= 6 + 3  # Fig. 9-14, the sample grid and the two strips
 
 
+@pytest.mark.slow  # the make-paper pipeline twice: 104 s of setup; the report's functions are tested below
 def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
     from ddpm_lightning.dashboard import paper_report, paper_workspace, spec
 
@@ -116,6 +120,7 @@ def test_wandb_runs_log_what_the_dashboard_plots(paper_run):
     assert {"fid", "is_mean", "w"} <= set(results)
 
 
+@pytest.mark.slow  # the make-paper pipeline twice: 104 s of setup; the report's functions are tested below
 def test_publishing_without_a_login_fails_in_one_line(python, paper_run, tmp_path):
     runs, _, _ = paper_run
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path), "WANDB_MODE": "offline"}

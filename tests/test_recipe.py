@@ -166,7 +166,9 @@ def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
     assert compose("recipe=fast").recipe.loss_weighting == "min_snr"
 
 
-@pytest.mark.parametrize("attention, runs_at", [("[8,4]", [8, 4, 8]), ("[32,16,8,4]", [16, 8, 4, 8, 16, 32])], ids=["fast", "paper"])
+@pytest.mark.parametrize("attention, runs_at", [("[8,4]", [8, 4, 8]),
+                                                pytest.param("[32,16,8,4]", [16, 8, 4, 8, 16, 32], marks=pytest.mark.slow)],  # 25 s each
+                         ids=["fast", "paper"])
 def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar_root, detector_file, attention, runs_at):
     """A checkpoint of either placement rebuilds its own net in load_checkpoint, sample.py and evaluate.py."""
     from ddpm_lightning.module import load_checkpoint

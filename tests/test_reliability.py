@@ -219,6 +219,7 @@ def bad_input_cases(root, run_dir, corrupt_root):
     ]
 
 
+@pytest.mark.slow  # 57 s of subprocesses; test_schema, test_sample and test_files keep one-line errors in the default suite
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(python, simple_run, tmp_path):
     root, run_dir = simple_run
     corrupt = make_cifar(tmp_path / "corrupt")

@@ -27,7 +27,7 @@ def epoch_losses(metrics: Path) -> list[float]:
     return [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
 
 
-@pytest.mark.parametrize("model", ["simple", "improved"])
+@pytest.mark.parametrize("model", [pytest.param("simple", marks=pytest.mark.slow), "improved"])  # 12 s each
 def test_smoke_run(python, cifar_root, tmp_path, model):
     run_dir = tmp_path / "run"
     p = train(python, *smoke_args(cifar_root, run_dir, f"model={model}"))
@@ -57,6 +57,7 @@ def test_multirun_gives_each_job_its_own_run_dir_and_wandb_run(python, cifar_roo
         assert (d / "checkpoints" / "last.ckpt").is_file() and (d / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow  # 15 s; the SLURM tests run two-rank DDP in the default suite
 def test_ddp_with_two_cpu_processes(python, cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     p = train(python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer=ddp", "trainer.accelerator=cpu",
