@@ -55,14 +55,15 @@ def run(cfg: DictConfig) -> None:
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
-    train_images = load_subset(folder, hp.class_names, "train")[0][: cfg.data.max_images]  # what the model trained on
-    reference_images, reference_labels = load_subset(folder, hp.class_names, m.reference_split)
+    splits = {split: load_subset(folder, hp.class_names, split) for split in {"train", "test", m.reference_split}}  # each read once
+    train_images = splits["train"][0][: cfg.data.max_images]  # what the model trained on
+    reference_images, reference_labels = splits[m.reference_split]
     detector, reference = metrics.detector_and_reference(m.inception_weights, hp.class_names, reference_images, m.reference_split,
                                                          m.reference_images, m.cache_dir, m.batch_size, module.device,
                                                          labels=reference_labels, train_images=train_images)
 
     settings = metrics.settings_of(m)
-    test_images, test_labels = load_subset(folder, hp.class_names, "test")
+    test_images, test_labels = splits["test"]
     start = time.perf_counter()
     floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels)
     if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
