@@ -61,6 +61,7 @@ class DiffusionModule(L.LightningModule):
         self.compiled: dict = {}  # "train" / "sample": the compiled U-Net (not a submodule), or the U-Net after a failure
         self.stop_requested = None  # during training, callbacks.Preemption's test: sampling stops at the next step when true
         self.skipped = None  # during training, 1 (on the device) when the last update was skipped (a non-finite loss)
+        self.epoch_loss = None  # (epoch, [sum of loss x images, images]) so far, on the device, kept in checkpoints
 
     def setup(self, stage: str) -> None:
         """torch.compile for training, after Lightning's EMA callback has copied the module."""
@@ -122,8 +123,27 @@ class DiffusionModule(L.LightningModule):
         g = torch.Generator(self.device).manual_seed(seed)
         loss = self.loss(*batch, generator=g, net=self.forward_train, weighting=self.hparams.loss_weighting)
         self.skip_if_nonfinite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch[0].shape[0])  # no prog_bar: see ProgressBar
+        n = batch[0].shape[0]
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=n)  # no prog_bar: see ProgressBar
+        total = torch.stack([loss.detach() * n, loss.new_tensor(float(n))])
+        e = self.epoch_loss
+        self.epoch_loss = (self.current_epoch, total if e is None or e[0] != self.current_epoch else e[1].to(total.device) + total)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's mean loss, by hand: Lightning's on_epoch mean is not in its checkpoints, so after a mid-epoch
+        resume it would be the mean of the steps since the resume."""
+        if self.epoch_loss is not None and self.epoch_loss[0] == self.current_epoch:
+            total = self.epoch_loss[1]
+            self.log("train/loss_epoch", total[0] / total[1], on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.epoch_loss is not None:
+            checkpoint["epoch_loss"] = {"epoch": self.epoch_loss[0], "total": self.epoch_loss[1].cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        e = checkpoint.get("epoch_loss")
+        self.epoch_loss = None if e is None else (e["epoch"], e["total"])
 
     def skip_if_nonfinite(self, loss: torch.Tensor) -> None:
         """A NaN or infinite loss skips the update on the device, with no host sync: the fused Adam step reads

@@ -12,6 +12,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import cluster, files, metrics
@@ -43,9 +45,9 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
     )
 
 
-def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> str | None:
-    """The checkpoint to continue from: ckpt_path=PATH, ckpt_path=last, or the run dir's own last.ckpt when rerun
-    in the same dir; checked to be readable and of the same model before anything is written."""
+def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tuple[str | None, int | None]:
+    """The checkpoint to continue from and its global step: ckpt_path=PATH, ckpt_path=last, or the run dir's own
+    last.ckpt when rerun in the same dir; checked to be readable and of the same model before anything is written."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.ckpt_path is None:
         path = last if last.is_file() else None
@@ -58,9 +60,10 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> str 
         if not path.is_file():
             raise ConfigError(f"checkpoint ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
     if path is None:
-        return None
+        return None, None
     try:
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        hparams, step = ckpt["hyper_parameters"], int(ckpt["global_step"])
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); pass a checkpoint written by train.py") from None
     for key in ("net", "schedule", "conditional", "class_names", "image_size"):
@@ -68,7 +71,7 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> str 
             raise ConfigError(f"checkpoint {path} has {key}={hparams.get(key)}, this run {key}={module.hparams[key]}; "
                               "resume with the same model/net/schedule/data settings or use another run dir")
     log.info(f"resuming from {path}")
-    return str(path)
+    return str(path), step
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
@@ -118,8 +121,57 @@ def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:
                     "raise schedule.T or use schedule=cosine to close the gap")
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    loggers = [CSVLogger(run_dir, name="csv", version="")]
+class ResumedCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, which deletes the log dir's metrics.csv when it starts (so a resumed run kept only the
+    rows logged after the resume, and the report's curves began there); when resuming, it keeps the rows of the steps
+    before the checkpoint's (the resumed run logs every later step again), rewriting the file atomically."""
+
+    def __init__(self, log_dir: str, resumed_step: int | None):
+        self.resumed_step = resumed_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self.resumed_step is None or not path.is_file():
+            return super()._check_log_dir_exists()
+        import csv
+
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r.get("step") and int(r["step"]) < self.resumed_step]
+            header = reader.fieldnames or []
+        files.write_csv(path, rows, header, "the run's metrics.csv")
+        self.metrics_keys = list(header)  # Lightning appends to the file while its columns stay these
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger at <run dir>/csv/, keeping a resumed run's earlier rows (ResumedCSVWriter)."""
+
+    def __init__(self, run_dir: Path, resumed_step: int | None):
+        super().__init__(run_dir, name="csv", version="")
+        self.resumed_step = resumed_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ResumedCSVWriter(self.log_dir, self.resumed_step)
+        return self._experiment
+
+
+class FlushLogsOnSave(L.Callback):
+    """Writes the CSV rows logged so far before each checkpoint, so a checkpoint never holds steps whose rows are
+    still in memory (Lightning flushes every 100 steps: a kill after the save would lose them for good)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resumed_step: int | None) -> list:
+    loggers = [ResumableCSVLogger(run_dir, resumed_step)]
     if cfg.logger.wandb is not None:
         w = cfg.logger.wandb
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -157,6 +209,7 @@ def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> li
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
         EMA(**cfg.callbacks.ema),
+        FlushLogsOnSave(),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
         ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
@@ -204,7 +257,7 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
         data.setup("fit")  # bad data fails here, before anything is built
         module = build_module(cfg, data.classes)
-        ckpt_path = resume_from(cfg, run_dir, module)
+        ckpt_path, resumed_step = resume_from(cfg, run_dir, module)
         log_prior_gap(module.schedule)
         callbacks = build_callbacks(cfg, data, run_dir)
         started = callbacks[0]
@@ -213,7 +266,7 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         trainer_args |= cluster.trainer_environment(cfg)
         trainer_args |= {"gradient_clip_val": cfg.recipe.grad_clip, "gradient_clip_algorithm": "norm"}
         trainer_args["plugins"] = [*trainer_args.get("plugins", []), files.checkpoint_io()]  # crash-safe checkpoint writes
-        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir), callbacks=callbacks, default_root_dir=run_dir)
+        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir, resumed_step), callbacks=callbacks, default_root_dir=run_dir)
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
     with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):

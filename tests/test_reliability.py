@@ -1,5 +1,6 @@
 """Resume after SIGKILL and SIGTERM, atomic checkpoints, non-finite losses, bad input, safe loading, determinism."""
 
+import csv
 import os
 import re
 import signal
@@ -31,6 +32,11 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def csv_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def assert_same_training_state(a, b):
     assert a["global_step"] == b["global_step"]
     for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
@@ -57,7 +63,7 @@ def reference_run(tmp_path_factory, python):
     root = make_cifar(tmp / "cifar", n_train=100)
     p = subprocess.run(train_cmd(python, root, tmp / "reference", "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    return root, load(tmp / "reference" / "checkpoints" / "last.ckpt")
+    return root, load(tmp / "reference" / "checkpoints" / "last.ckpt"), csv_rows(tmp / "reference")
 
 
 def epoch_of(path: Path) -> int:
@@ -68,7 +74,7 @@ def epoch_of(path: Path) -> int:
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(python, reference_run, tmp_path):
-    root, reference = reference_run
+    root, reference, rows = reference_run
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,6 +87,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(python, reference_run,
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming from {last}" in p.stdout + p.stderr
     assert_same_training_state(load(last), reference)
+    assert csv_rows(run_dir) == rows  # the log too: the rows before the kill kept, none twice (Lightning's CSVLogger deleted them)
 
 
 SIGNAL_AT_STEP = """import os, runpy, signal, sys
@@ -102,7 +109,7 @@ def signal_at_step(python, step: int, cmd: list[str]) -> list[str]:
 
 
 def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, reference_run, tmp_path):
-    root, reference = reference_run
+    root, reference, rows = reference_run
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     p = subprocess.run(signal_at_step(python, 70, train_cmd(python, root, run_dir, "trainer.max_epochs=4")), capture_output=True, text=True,
@@ -114,6 +121,7 @@ def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, re
     p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training_state(load(last), reference)  # 200 steps in all, each batch and noise draw exactly once
+    assert csv_rows(run_dir) == rows
 
 
 @pytest.mark.slow  # Lightning's atomic checkpoint writes; the default suite keeps the SIGKILL/SIGTERM resume tests
