@@ -1,5 +1,6 @@
 """run(cfg): build the data, the module, the loggers and callbacks from the Hydra config, and fit."""
 
+import csv
 import json
 import logging
 import os
@@ -134,8 +135,6 @@ class ResumedCSVWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if self.resumed_step is None or not path.is_file():
             return super()._check_log_dir_exists()
-        import csv
-
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             rows = [r for r in reader if r.get("step") and int(r["step"]) < self.resumed_step]
