@@ -49,8 +49,8 @@ def main():
     report("eval_throughput", [record(f"{args.n} guided samples + Inception features, FID, KID, IS and intervals", args.n / seconds, None,
                                       peak_tflops(args.peak_tflops))],
            out=args.out, width=args.width, batch=args.batch, steps=args.steps, n=args.n, seconds=round(seconds, 2),
-           seconds_per_50k=round(seconds * 50_000 / args.n, 1), warmup_seconds=round(warmup, 2), compile=module.hparams.compile,
-           bf16_sampling=module.hparams.bf16_sampling, scores_are_finite=all(v == v for v in metrics.loggable(scores).values()))
+           seconds_per_50k=round(seconds * 50_000 / args.n, 1), warmup_seconds=round(warmup, 2), compile=module.hparams.speed["compile"],
+           bf16_sampling=module.hparams.speed["bf16_sampling"], scores_are_finite=all(v == v for v in metrics.loggable(scores).values()))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
@@ -29,7 +29,7 @@ def sample_grid(module, n_per_class: int, n: int, seed: int, sampler: dict | Non
         names = module.hparams.class_names
         labels = torch.arange(len(names), device=module.device).repeat_interleave(n_per_class)
         images, nrow = module.sample(labels=labels, sampler=sampler, generator=g), n_per_class
-        caption = f"rows: {', '.join(names)}; w={module.hparams.guidance_w}"
+        caption = f"rows: {', '.join(names)}; w={module.hparams.guidance['w']}"
     else:
         images, nrow = module.sample(n=n, sampler=sampler, generator=g), math.ceil(math.sqrt(n))
         caption = ", ".join(module.hparams.class_names)
@@ -115,15 +115,15 @@ class EMAModel(AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        """One EMA update; a step whose update was skipped (``model.skipped``, a device 0/1 set by
-        DiffusionModule.skip_if_nonfinite) is no update: the EMA and its count stay as they were, with no host read."""
+        """One EMA update; a step whose update was skipped (``model.update_skipped``, a device 0/1 set
+        by DiffusionModule.skip_if_nonfinite) is no update: the EMA and its count stay as they were, with no host read."""
         if self.started is None:
             self.started = bool(self.n_averaged > 0)  # the one host read (a resumed run's count comes from its checkpoint)
         if self.use_buffers:
             averaged, current = [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
         else:
             averaged, current = list(self.parameters()), list(model.parameters())
-        skipped = getattr(model, "skipped", None)
+        skipped = getattr(model, "update_skipped", None)
         groups: dict = {}
         for a, c in zip(averaged, current, strict=True):
             group = groups.setdefault((a.device, a.dtype), ([], []))
@@ -248,7 +248,7 @@ class Preemption(L.Callback):
     every rank stops at the same point, rank 0 writes last.ckpt (atomically: files.checkpoint_io) and cluster.Preempted
     ends fit(), so no epoch-end save overwrites it. The points: the next training step (under DDP the ranks agree every
     ``sync_every`` steps), or the end of the validation in progress, whose sample grid and FID sampling stop at their
-    next sampler step (DiffusionModule.stop_requested) and log nothing. train.run requeues the job and exits."""
+    next sampler step (DiffusionModule.stop_check) and log nothing. train.run requeues the job and exits."""
 
     def __init__(self, last_ckpt: Path, sync_every: int = 10):
         self.last_ckpt, self.sync_every = Path(last_ckpt), sync_every
@@ -256,11 +256,11 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         SIGNALS.install()  # again: Lightning registered its own SIGTERM handler when fit started; one owner per signal
         SIGNALS.stage = "training"
-        pl_module.stop_requested = SIGNALS.requested
+        pl_module.stop_check = SIGNALS.requested
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         SIGNALS.stage = "done"
-        pl_module.stop_requested = None
+        pl_module.stop_check = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.world_size > 1 and trainer.global_step % self.sync_every:
@@ -288,3 +288,22 @@ def agreed_signal(trainer: L.Trainer) -> int:
     got = trainer.strategy.all_gather(torch.tensor(mine, device=trainer.strategy.root_device)).flatten().tolist()
     requeue = [s for s in got if s and s != signal.SIGTERM]
     return requeue[0] if requeue else max(got)
+
+
+class FlushLogsOnSave(L.Callback):
+    """Writes the CSV rows logged so far before each checkpoint, so a checkpoint never holds steps whose rows are
+    still in memory (Lightning flushes every 100 steps: a kill after the save would lose them for good)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+
+
+class TrainingStarted(L.Callback):
+    """Marks the first finished training step: a failure before it is a start-up error (one line, exit 2)."""
+
+    stepped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped = True

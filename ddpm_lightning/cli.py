@@ -13,7 +13,6 @@ from ddpm_lightning import schema  # importing it registers the schema with Hydr
 from ddpm_lightning import files
 from ddpm_lightning.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLING_TIME = ("guidance.w", "sampler")  # and sampler.*: settings that change sampling, not the trained model
 SETTING_WORDS = ("trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.precision", "trainer.max_time",
                  "trainer.limit_val_batches", "data.root", "metrics.inception_weights", "metrics.cache_dir", "ckpt")
@@ -51,20 +50,6 @@ def one_line(message) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def writable_dir(path: str | Path) -> Path:
-    """The output folder, created; an unwritable one fails before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)") from None
-    files.remove_leftovers(path)  # temp files of a run killed while writing here
-    return path
-
-
 def sweep_overrides(argv: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:
     """The override lists to check: the command line's own, or under -m every swept value of every swept key (all
     combinations when there are at most 64, else each value with the other keys at their first); and the swept keys."""
@@ -92,21 +77,18 @@ def preflight(config_name: str, argv: list[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if os.environ.get("LOCAL_RANK") or any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # a DDP child relaunched by Lightning (checked by its parent), or a Hydra flag
-    from hydra import compose, initialize_config_dir
-
     try:
         jobs, swept = sweep_overrides(argv, multirun)
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            for overrides in jobs:
-                try:
-                    cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-                    schema.check(cfg, config_name)
-                except ConfigError as e:
-                    job = " ".join(o for o in overrides if o.split("=")[0] in swept)
-                    raise ConfigError(f"{e} [in the sweep job {job}]" if multirun and len(jobs) > 1 else str(e)) from None
-            if config_name == "config":
-                check_launcher(cfg, multirun, swept)
-            out = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+        for overrides in jobs:
+            try:
+                cfg = schema.compose(config_name, overrides, return_hydra_config=True)
+                schema.check(cfg, config_name)
+            except ConfigError as e:
+                job = " ".join(o for o in overrides if o.split("=")[0] in swept)
+                raise ConfigError(f"{e} [in the sweep job {job}]" if multirun and len(jobs) > 1 else str(e)) from None
+        if config_name == "config":
+            check_launcher(cfg, multirun, swept)
+        out = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
     except ConfigError:
         raise
     except Exception as e:  # Hydra's composition and parse errors
@@ -117,7 +99,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
               "samples are drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model "
               "with evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
-        writable_dir(out)  # the default dirs are made by Hydra itself
+        files.writable_dir(out)  # the default dirs are made by Hydra itself
 
 
 def check_launcher(cfg, multirun: bool, swept: list[str]) -> None:

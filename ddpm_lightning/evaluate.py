@@ -17,7 +17,6 @@ from rich.progress import Progress
 from torchvision.utils import make_grid
 
 from ddpm_lightning import cluster, metrics
-from ddpm_lightning.cli import writable_dir
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning import files
@@ -51,9 +50,9 @@ def run(cfg: DictConfig) -> None:
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
         raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
-    run_dir = writable_dir(HydraConfig.get().runtime.output_dir)
+    run_dir = files.writable_dir(HydraConfig.get().runtime.output_dir)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
-    w = (hp.guidance_w if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
+    w = (hp.guidance["w"] if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
     splits = {split: load_subset(folder, hp.class_names, split) for split in {"train", "test", m.reference_split}}  # each read once
     train_images = splits["train"][0][: cfg.data.max_images]  # what the model trained on

@@ -191,3 +191,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def writable_dir(path: str | Path) -> Path:
+    """The output folder, created; an unwritable one fails before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)") from None
+    remove_leftovers(path)  # temp files of a run killed while writing here
+    return path

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.cli import CONF, one_line
+from ddpm_lightning.cli import one_line
+from ddpm_lightning.schema import CONF, compose
 from ddpm_lightning import files, schema
 from ddpm_lightning.errors import ConfigError
 
@@ -31,11 +32,8 @@ LAUNCHER_PREFIXES = ("hydra/launcher=", "hydra.launcher.")
 
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=overrides)
+        return compose("config", overrides)
     except Exception as e:
         raise ConfigError(f"{one_line(e)} (python train.py --help lists the groups and options)") from None
 

@@ -10,11 +10,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 
-from ddpm_lightning.cli import writable_dir
+from ddpm_lightning import files
 from ddpm_lightning.data import ensure_cifar10, load_subset, to_unit_range
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.files import atomic_write, save_png
-from ddpm_lightning.module import DiffusionModule, load_checkpoint, to_uint8
+from ddpm_lightning.diffusion.generate import to_uint8
+from ddpm_lightning.module import DiffusionModule, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def strip(frames: list[torch.Tensor], count: int) -> torch.Tensor:
 def run(cfg: DictConfig) -> None:
     module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
     labels = class_labels(module, cfg.classes, cfg.n)
-    out = writable_dir(cfg.out or HydraConfig.get().runtime.output_dir)
+    out = files.writable_dir(cfg.out or HydraConfig.get().runtime.output_dir)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     w = cfg.guidance.w if module.hparams.conditional else None
     generator = torch.Generator(module.device).manual_seed(cfg.seed)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddpm_lightning.errors import ConfigError
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -59,9 +60,6 @@ class GuidanceConfig:
 class ModelConfig:
     conditional: bool = setting("class-conditional (the improved model) or not (the simple model)")
     lr: float = setting("Adam's learning rate")
-    compile: bool = setting("torch.compile the U-Net (default on a GPU)")
-    channels_last: bool = setting("NHWC memory layout for the convolutions (default on a GPU)")
-    bf16_sampling: bool = setting("bf16 autocast of the U-Net when sampling (default on a GPU)")
 
 
 @dataclass
@@ -216,6 +214,7 @@ class TrainConfig:
     guidance: GuidanceConfig = setting("classifier-free guidance (guidance=none|cfg)", node=GuidanceConfig)
     model: ModelConfig = setting("model=simple|improved", node=ModelConfig)
     recipe: RecipeConfig = setting("the training levers (recipe=paper|fast)", node=RecipeConfig)
+    speed: SpeedConfig = setting("torch.compile, NHWC, bf16 sampling", node=SpeedConfig)
     sampler: Any = setting("sampler=ancestral|ddim|dpm_solver")
     data: DataConfig = setting("data=cars|five_class|cifar10", node=DataConfig)
     trainer: TrainerConfig = setting("trainer=default|ddp", node=TrainerConfig)
@@ -316,6 +315,16 @@ def register() -> None:
 
 
 register()  # on import: the entry points (through cli) and paper.py import this module before Hydra composes
+
+
+def compose(entry: str, overrides: list[str] | tuple = (), return_hydra_config: bool = False) -> DictConfig:
+    """The config of an entry point (config, evaluate, sample, report) with ``overrides``, as Hydra would compose it,
+    outside a Hydra run (preflight, paper.py, --help, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(entry, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 # ---- ranges, choices and relations ---------------------------------------------------------------------------------
@@ -537,18 +546,8 @@ def _shown(cfg: DictConfig, key: str) -> str:
     return text
 
 
-def compose_defaults(entry: str) -> DictConfig:
-    """The entry point's config as composed without overrides (the defaults of the yaml presets)."""
-    from hydra import compose, initialize_config_dir
-
-    from ddpm_lightning.cli import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(entry)
-
-
 def _rows(entry: str) -> list[tuple[str, str, str, str]]:
-    cfg = compose_defaults(entry)
+    cfg = compose(entry)
     rows = []
     for key, f in leaves(ENTRY_POINTS[entry], cfg):
         choices = f.metadata.get("choices")

@@ -1,10 +1,7 @@
 """run(cfg): build the data, the module, the loggers and callbacks from the Hydra config, and fit."""
 
-import csv
 import json
 import logging
-import os
-import secrets
 import time
 from pathlib import Path
 
@@ -12,19 +9,18 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import cluster, files, metrics
 from ddpm_lightning.cli import startup
-from ddpm_lightning.callbacks import EMA, ETA, FIDCallback, Preemption, ProgressBar, SampleGrid, last_checkpoint
+from ddpm_lightning.callbacks import (EMA, ETA, FIDCallback, FlushLogsOnSave, Preemption, ProgressBar, SampleGrid, TrainingStarted,
+                                      last_checkpoint)
 from ddpm_lightning.cluster import SIGNALS, Preempted
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.module import DiffusionModule, pick_device
+from ddpm_lightning.loggers import build_loggers
+from ddpm_lightning.module import DiffusionModule, pick_device, upgrade_hparams
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +32,12 @@ def guidance_weights(cfg: DictConfig) -> list[float]:
 
 
 def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
+    """The module from the config groups; guidance.w is the first of the weights (it draws the grids)."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    return DiffusionModule(
-        net=c["net"], schedule=c["schedule"], class_names=class_names, conditional=c["model"]["conditional"],
-        p_uncond=c["guidance"]["p_uncond"], guidance_w=guidance_weights(cfg)[0], sampler=c["sampler"], lr=c["model"]["lr"],
-        seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"], compile=c["model"]["compile"],
-        channels_last=c["model"]["channels_last"], bf16_sampling=c["model"]["bf16_sampling"],
-        **{k: c["recipe"][k] for k in ("loss_weighting", "snr_gamma", "warmup_steps", "lr_decay", "betas", "weight_decay", "dropout")},
-    )
+    guidance = {"p_uncond": c["guidance"]["p_uncond"], "w": guidance_weights(cfg)[0]}
+    return DiffusionModule(net=c["net"], schedule=c["schedule"], guidance=guidance, recipe=c["recipe"], speed=c["speed"],
+                           sampler=c["sampler"], class_names=class_names, conditional=c["model"]["conditional"],
+                           lr=c["model"]["lr"], seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"])
 
 
 def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tuple[str | None, int | None]:
@@ -64,7 +58,7 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tupl
         return None, None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        hparams, step = ckpt["hyper_parameters"], int(ckpt["global_step"])
+        hparams, step = upgrade_hparams(ckpt["hyper_parameters"]), int(ckpt["global_step"])
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); pass a checkpoint written by train.py") from None
     for key in ("net", "schedule", "conditional", "class_names", "image_size"):
@@ -73,17 +67,6 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tupl
                               "resume with the same model/net/schedule/data settings or use another run dir")
     log.info(f"resuming from {path}")
     return str(path), step
-
-
-def wandb_run_id(run_dir: Path) -> str | None:
-    """One W&B run per run dir: the id is kept in the run dir, so a resumed (or requeued) run logs to the same W&B run.
-    Rank 0 keeps it; the other ranks log nothing to W&B."""
-    if cluster.global_rank() != 0:
-        return None
-    path = run_dir / "wandb_id.txt"
-    if not path.is_file() or not path.read_text().strip():
-        files.write_text(path, secrets.token_hex(4), "the W&B run id")
-    return path.read_text().strip()
 
 
 def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Inception, dict, dict]:
@@ -120,84 +103,6 @@ def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:
     if schedule.prior_gap > warn_above:
         log.warning(f"sampling starts from N(0, I) while x_T still holds {schedule.prior_gap:.1%} of x_0 (over {warn_above:.0%}); "
                     "raise schedule.T or use schedule=cosine to close the gap")
-
-
-class ResumedCSVWriter(ExperimentWriter):
-    """Lightning's CSV writer, which deletes the log dir's metrics.csv when it starts (so a resumed run kept only the
-    rows logged after the resume, and the report's curves began there); when resuming, it keeps the rows of the steps
-    before the checkpoint's (the resumed run logs every later step again), rewriting the file atomically."""
-
-    def __init__(self, log_dir: str, resumed_step: int | None):
-        self.resumed_step = resumed_step
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if self.resumed_step is None or not path.is_file():
-            return super()._check_log_dir_exists()
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if r.get("step") and int(r["step"]) < self.resumed_step]
-            header = reader.fieldnames or []
-        files.write_csv(path, rows, header, "the run's metrics.csv")
-        self.metrics_keys = list(header)  # Lightning appends to the file while its columns stay these
-
-
-class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger at <run dir>/csv/, keeping a resumed run's earlier rows (ResumedCSVWriter)."""
-
-    def __init__(self, run_dir: Path, resumed_step: int | None):
-        super().__init__(run_dir, name="csv", version="")
-        self.resumed_step = resumed_step
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = ResumedCSVWriter(self.log_dir, self.resumed_step)
-        return self._experiment
-
-
-class FlushLogsOnSave(L.Callback):
-    """Writes the CSV rows logged so far before each checkpoint, so a checkpoint never holds steps whose rows are
-    still in memory (Lightning flushes every 100 steps: a kill after the save would lose them for good)."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, resumed_step: int | None) -> list:
-    loggers = [ResumableCSVLogger(run_dir, resumed_step)]
-    if cfg.logger.wandb is not None:
-        w = cfg.logger.wandb
-        os.environ.setdefault("WANDB_SILENT", "true")
-        wandb_logger = WandbLogger(
-            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir), job_type="train",
-            offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_run_id(run_dir), resume="allow",
-        )
-        if cluster.global_rank() == 0:  # the experiment is made here, before Lightning knows the rank: rank 0 alone
-            define_wandb_metrics(wandb_logger.experiment)
-        loggers.append(wandb_logger)
-    return loggers
-
-
-def define_wandb_metrics(run) -> None:
-    """Every val/* metric plots against the epoch; the summary keeps the best (min) FID as well as the last."""
-    run.define_metric("epoch")
-    run.define_metric("val/*", step_metric="epoch")
-    run.define_metric("val/fid*", step_metric="epoch", summary="min,last")
-
-
-class TrainingStarted(L.Callback):
-    """Marks the first finished training step: a failure before it is a start-up error (one line, exit 2)."""
-
-    stepped = False
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.stepped = True
 
 
 def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> list[L.Callback]:

@@ -63,7 +63,7 @@ def smoke_run(tmp_path_factory, python):
 
 
 def random_detector_state(seed: int = 0, classifier: bool = True) -> dict:
-    from ddpm_lightning.metrics import random_inception_state
+    from ddpm_lightning.testing import random_inception_state
 
     return random_inception_state(seed, classifier)
 

@@ -363,17 +363,14 @@ def test_srun_task_counts_must_match_the_devices(monkeypatch):
 
 
 def test_the_slurm_launcher_follows_the_trainer_and_requeues_timed_out_jobs():
-    from hydra import compose, initialize_config_dir
+    from ddpm_lightning.schema import compose
 
-    from ddpm_lightning.cli import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
-                                           "hydra.launcher.partition=gpu"], return_hydra_config=True)
-        launcher = cfg.hydra.launcher
-        assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 4, 4, "gpu")
-        assert launcher.max_num_timeout > 0 and launcher._target_.endswith("SlurmLauncher")
-        assert compose("evaluate", overrides=["hydra/launcher=slurm", "ckpt=x"], return_hydra_config=True).hydra.launcher.tasks_per_node == 1
+    cfg = compose("config", ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
+                                       "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 4, 4, "gpu")
+    assert launcher.max_num_timeout > 0 and launcher._target_.endswith("SlurmLauncher")
+    assert compose("evaluate", overrides=["hydra/launcher=slurm", "ckpt=x"], return_hydra_config=True).hydra.launcher.tasks_per_node == 1
 
 
 @pytest.mark.parametrize("got, acted_on", [([0, 0], 0), ([0, signal.SIGUSR1], signal.SIGUSR1), ([signal.SIGTERM, signal.SIGUSR2], signal.SIGUSR2),

@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torchmetrics import MetricCollection
 
 from conftest import SHARED, natural_images, random_detector_state
 from ddpm_lightning import metrics
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.testing import tiny_module
 
 SETTINGS = dict(kid_subsets=10, kid_subset_size=20, bootstrap=50, seed=0, prc=True)
 
@@ -95,7 +96,7 @@ def test_bootstrap_intervals_contain_the_value_and_halve_with_four_times_n():
     reference = {**metrics.statistics(reference_features), "features": reference_features}
     widths = {}
     for n in (200, 800):
-        collection = metrics.MetricCollection({"fid": metrics.FID(reference, 400, 0, dim=16),
+        collection = MetricCollection({"fid": metrics.FID(reference, 400, 0, dim=16),
                                                "kid": metrics.KID(reference_features, 20, 100, 400, 0)})
         collection.update(pool=gaussian_features(n, seed=n), index=torch.arange(n))
         out = collection.compute()
@@ -122,8 +123,7 @@ def test_weights_without_classifier_give_fid_and_no_is(tmp_path):
     torch.save(random_detector_state(classifier=False), path)
     detector = metrics.load_inception(str(path))
     assert detector.is_unavailable.startswith("Inception Score unavailable: the detector weights")
-    m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=10), class_names=["cat"],
-                        conditional=False, p_uncond=0.0, guidance_w=0.0, sampler=dict(name="ddim", steps=2))
+    m = tiny_module(schedule=dict(T=10))
     scores, preview = metrics.evaluate(m, detector, reference_of(detector, natural_images(10)), num_samples=4, w=0.0,
                                        settings={**SETTINGS, "kid_subset_size": 100}, batch_size=4)
     assert scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0 and scores["kid_mean"] is not None
@@ -136,7 +136,7 @@ def test_the_floor_is_cached_and_says_when_the_test_split_is_short(detector, tmp
     real_score = metrics.score_real
     metrics_score = lambda *a, **k: calls.append(len(a[2])) or real_score(*a, **k)  # noqa: E731
     with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(metrics, "score_real", metrics_score)
+        mp_.setattr(metrics.reference, "score_real", metrics_score)
         first = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
         assert "the test split has 8 images of the subset, fewer than metrics.num_samples=20" in caplog.text
         again = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
@@ -172,8 +172,8 @@ def test_second_evaluation_computes_no_reference_features(detector, tmp_path, mo
     calls = []
     real_extract = metrics.extract
     progress, real_bar = [], metrics.progress_bar
-    monkeypatch.setattr(metrics, "extract", lambda d, x, bs=250, progress=None: calls.append(len(x)) or real_extract(d, x, bs, progress))
-    monkeypatch.setattr(metrics, "progress_bar", lambda description, total: progress.append((description, total)) or real_bar(None, total))
+    monkeypatch.setattr(metrics.reference, "extract", lambda d, x, bs=250, progress=None: calls.append(len(x)) or real_extract(d, x, bs, progress))
+    monkeypatch.setattr(metrics.detector, "progress_bar", lambda description, total: progress.append((description, total)) or real_bar(None, total))
     images, key = natural_images(12), dict(classes=["cat"], split="train", detector="random")
     first = metrics.reference_statistics(detector, images, key, tmp_path)
     assert calls == [12]
@@ -197,8 +197,7 @@ def _rank_worker(rank, world, detector_file, out, port):
 
 def _scores(detector_file):
     torch.manual_seed(0)
-    m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=10), class_names=["cat", "dog"],
-                        conditional=True, p_uncond=0.1, guidance_w=1.0, sampler=dict(name="ddim", steps=3))
+    m = tiny_module(True, ["cat", "dog"], schedule=dict(T=10), sampler=dict(name="ddim", steps=3))
     detector = metrics.load_inception(str(detector_file))
     reference = reference_of(detector, natural_images(16))
     scores, preview = metrics.evaluate(m, detector, reference, num_samples=10, w=1.0, settings={**SETTINGS, "kid_subset_size": 8},
@@ -265,7 +264,7 @@ def test_the_class_probe_learns_separable_features_and_is_cached_under_the_refer
     assert (tmp_path / "probe_abc.pt").is_file() and probe["held_out_acc"] == 1.0 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
     test = centres[labels[:100]] + torch.randn(100, 64, generator=g)
     assert (metrics.probe_classes(probe, test) == labels[:100]).float().mean() > 0.97
-    monkeypatch.setattr(metrics, "fit_probe", lambda *a, **k: pytest.fail("refitted a cached probe"))
+    monkeypatch.setattr(metrics.probe, "fit_probe", lambda *a, **k: pytest.fail("refitted a cached probe"))
     again = metrics.class_probe(features, labels, 5, "abc", tmp_path)
     assert torch.equal(again["weight"], probe["weight"])
     monkeypatch.undo()

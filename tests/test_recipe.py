@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from conftest import ROOT
-from ddpm_lightning.cli import CONF
+from ddpm_lightning import schema
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import build_schedule
-from ddpm_lightning.module import DiffusionModule, lr_factor
+from ddpm_lightning.module import lr_factor
+from ddpm_lightning.testing import tiny_module
 from ddpm_lightning.nets.unet import SelfAttention, UNet
 
 NET = dict(width=8, emb_dim=32, heads=2)
 
 
-def module(**kw):
-    return DiffusionModule(**{**dict(net=NET, schedule=dict(kind="linear", T=50), class_names=["cat"], conditional=False, p_uncond=0.0,
-                                     guidance_w=0.0, sampler=dict(name="ddim", steps=5)), **kw})
+def module(lr=1e-3, **recipe):
+    return tiny_module(net=NET, schedule=dict(T=50), sampler=dict(name="ddim", steps=5), recipe=recipe, lr=lr)
 
 
 def attention_resolutions_of(net: UNet) -> list[int]:
@@ -61,13 +61,13 @@ def test_the_weighted_loss_is_the_per_image_mse_times_w_t():
     torch.manual_seed(0)
     m = module(loss_weighting="min_snr", snr_gamma=2.0)
     x0 = torch.rand(6, 3, 32, 32) * 2 - 1
-    got = m.loss(x0, torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(1), weighting="min_snr")
+    got = m.loss(m.net, x0, None, torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)  # the same draws by hand
     t = torch.randint(0, 50, (6,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     per_image = (m.net(m.sched.q_sample(x0, t, eps), t) - eps).square().mean(dim=(1, 2, 3))
     assert torch.allclose(got, (m.sched.loss_weights("min_snr", 2.0)[t] * per_image).mean())
-    plain = m.loss(x0, torch.zeros(6, dtype=torch.long), generator=torch.Generator().manual_seed(1))
+    plain = m.paper_loss(m.net, x0, None, torch.Generator().manual_seed(1))
     assert torch.allclose(plain, F.mse_loss(m.net(m.sched.q_sample(x0, t, eps), t), eps))
 
 
@@ -141,10 +141,7 @@ def test_adam_betas_and_weight_decay_reach_the_optimizer():
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return schema.compose("config", overrides)
 
 
 @pytest.mark.parametrize("model", ["simple", "improved"])
@@ -181,7 +178,7 @@ def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     m = load_checkpoint(str(ckpt), device="cpu")
     assert attention_resolutions_of(m.net) == runs_at
-    assert (m.hparams.loss_weighting, m.hparams.lr_decay, m.hparams.dropout) == ("min_snr", "cosine", 0.1)
+    assert tuple(m.hparams.recipe[k] for k in ("loss_weighting", "lr_decay", "dropout")) == ("min_snr", "cosine", 0.1)
     p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={ckpt}", "n=2", f"out={tmp_path / 'samples'}", "sampler=ddim", "sampler.steps=2"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), p.stderr[-3000:]

@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT, make_cifar
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.errors import ConfigError, NonFiniteLoss
-from ddpm_lightning.module import DiffusionModule, load_checkpoint
+from ddpm_lightning.module import load_checkpoint
+from ddpm_lightning.testing import tiny_module
 
 
 def train_cmd(python, root, run_dir, *extra):
@@ -147,14 +148,17 @@ def test_checkpoints_survive_kills_while_being_written(python, tmp_path):
     assert seen and not list(tmp_path.glob("*.tmp*"))
 
 
-class NaNAfter(DiffusionModule):
-    """Injects NaN losses from a given step on."""
+class NaNAfter:
+    """A module's loss that turns NaN from a given step on."""
 
     nan_from = 7
 
-    def loss(self, *args, **kwargs):
-        loss = super().loss(*args, **kwargs)
-        return loss * float("nan") if self.global_step >= self.nan_from else loss
+    def __init__(self, module):
+        self.module, self.loss = module, module.loss
+
+    def __call__(self, *args):
+        loss = self.loss(*args)
+        return loss * float("nan") if self.module.global_step >= self.nan_from else loss
 
 
 class Snapshot(L.Callback):
@@ -181,9 +185,8 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
     from ddpm_lightning.callbacks import EMA, last_checkpoint
 
     torch.manual_seed(0)
-    m = NaNAfter(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=20), class_names=["cat", "ship"],
-                 conditional=True, p_uncond=0.1, guidance_w=1.0, sampler=dict(name="ddim", steps=2), max_nonfinite=3,
-                 nonfinite_check_every=1)
+    m = tiny_module(True, max_nonfinite=3, nonfinite_check_every=1)
+    m.loss = NaNAfter(m)
     snap, ema = Snapshot(), EMA(0.9)
     ckpt = last_checkpoint(tmp_path / "checkpoints")
     trainer = L.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
@@ -259,8 +262,7 @@ def test_crafted_checkpoints_with_pickled_callables_are_refused(tmp_path):
     loading it runs nothing (no marker) and fails in one line."""
     import lightning
 
-    m = DiffusionModule(net=dict(width=8, emb_dim=32, heads=2), schedule=dict(kind="linear", T=20), class_names=["cat"],
-                        conditional=False, p_uncond=0.0, guidance_w=0.0, sampler=dict(name="ddim", steps=2))
+    m = tiny_module()
     valid = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "epoch": 0, "global_step": 0,
              "pytorch-lightning_version": lightning.__version__}
     torch.save(valid, tmp_path / "valid.ckpt")

@@ -91,7 +91,7 @@ def test_a_checkpoint_samples_with_the_speed_settings_of_this_machine(smoke_run)
     path = str(smoke_run[0] / "checkpoints" / "last.ckpt")
     plain = load_checkpoint(path, "cpu", compile=False, channels_last=False, bf16_sampling=False)
     fast = load_checkpoint(path, "cpu", compile=False, channels_last=True, bf16_sampling=True)
-    assert not plain.hparams.bf16_sampling and fast.hparams.bf16_sampling
+    assert not plain.hparams.speed["bf16_sampling"] and fast.hparams.speed["bf16_sampling"]
     assert fast.net.outc.weight.is_contiguous(memory_format=torch.channels_last)
     labels = torch.tensor([0, 1])
     a, b = (m.sample(labels=labels, generator=torch.Generator().manual_seed(0)) for m in (plain, fast))

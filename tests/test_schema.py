@@ -56,7 +56,7 @@ def wrong_value(tp) -> str | None:
 
 def typed_keys():
     for entry in ENTRIES:
-        cfg = schema.compose_defaults(entry) if entry == "config" else None
+        cfg = schema.compose(entry) if entry == "config" else None
         yield from ((entry, key, f.type) for key, f in schema.leaves(schema.ENTRY_POINTS[entry], cfg) if wrong_value(f.type))
 
 
@@ -186,7 +186,7 @@ def test_help_lists_every_key_with_type_default_and_description(entry, capsys):
         preflight(entry, ["--help"])
     assert e.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    for key, f in schema.leaves(schema.ENTRY_POINTS[entry], schema.compose_defaults(entry)):
+    for key, f in schema.leaves(schema.ENTRY_POINTS[entry], schema.compose(entry)):
         line = next((line for line in lines if line.startswith(key + " ")), None)
         assert line is not None and f.metadata["help"] in line and schema._type_name(f.type) in line, (key, line)
 
