@@ -36,9 +36,16 @@ def sample_grid(module, n_per_class: int, n: int, seed: int, sampler: dict | Non
     return make_grid(images, nrow=nrow, padding=2), caption
 
 
+def at_epoch_end(trainer: L.Trainer) -> bool:
+    """Whether this validation comes at the end of the training epoch (not one that trainer.val_check_interval puts
+    within it)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
 class SampleGrid(L.Callback):
     """At each validation (every ``trainer.check_val_every_n_epoch`` epochs), with the EMA weights: a grid of
-    samples to ``<run dir>/samples/epoch_XXXX.png`` and, as an image, to W&B."""
+    samples to ``<run dir>/samples/epoch_XXXX.png`` (``epoch_XXXX_step_YYYYYYY.png`` for a validation within the epoch)
+    and, as an image, to W&B."""
 
     def __init__(self, n_per_class: int = 8, n: int = 64, seed: int = 0):
         self.n_per_class, self.n, self.seed = n_per_class, n, seed
@@ -53,7 +60,8 @@ class SampleGrid(L.Callback):
                 grid, caption = sample_grid(pl_module, self.n_per_class, self.n, self.seed)
         except Interrupted:  # a preemption signal: callbacks.Preemption stops the run at the end of this validation
             return
-        save_png(grid, Path(trainer.default_root_dir) / "samples" / f"epoch_{trainer.current_epoch:04d}.png", "a sample grid")
+        name = f"epoch_{trainer.current_epoch:04d}" + ("" if at_epoch_end(trainer) else f"_step_{trainer.global_step:07d}")
+        save_png(grid, Path(trainer.default_root_dir) / "samples" / f"{name}.png", "a sample grid")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step, caption=[caption])
@@ -85,8 +93,8 @@ class FIDCallback(L.Callback):
             log.warning(self.detector.is_unavailable)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs or not at_epoch_end(trainer):
+            return  # FID at the validation that ends the epoch, not those within it (trainer.val_check_interval)
         for w in self.guidance_ws:
             try:
                 scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
@@ -216,9 +224,9 @@ class ETA(L.Callback):
         self.timed += 1
         if self.timed < self.count:
             return
-        per_step = self.seconds / self.count
+        per_step = self.seconds / self.count * trainer.accumulate_grad_batches  # an optimizer step's batches
         left_steps = max(trainer.estimated_stepping_batches - trainer.global_step, 0)
-        msg = (f"speed: {per_step:.3g} s per training step; the {left_steps} steps left take about {duration(left_steps * per_step)} "
+        msg = (f"speed: {per_step:.3g} s per optimizer step; the {left_steps} steps left take about {duration(left_steps * per_step)} "
                "(validation, sample grids and FID come on top)")
         if pl_module.device.type == "cpu" and left_steps * per_step > 3600:
             log.warning(msg + "; this is a GPU recipe: on a CPU try experiment=smoke (about a minute) or experiment=paper_cpu "
@@ -263,18 +271,24 @@ class Preemption(L.Callback):
         pl_module.stop_check = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        update_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or at_epoch_end(trainer)
+        if not update_done:  # within an accumulated update: its gradients so far are in no checkpoint
+            return
         if trainer.world_size > 1 and trainer.global_step % self.sync_every:
             return
-        self.stop_if_requested(trainer, "after")
+        self.stop_if_requested(trainer, "after", log_this_step=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:  # after the grid, FID and the EMA swap-back (callbacks before this one)
             self.stop_if_requested(trainer, "during the validation after")
 
-    def stop_if_requested(self, trainer: L.Trainer, where: str) -> None:
+    def stop_if_requested(self, trainer: L.Trainer, where: str, log_this_step: bool = False) -> None:
         signum = agreed_signal(trainer)
         if signum:
-            trainer.save_checkpoint(self.last_ckpt)
+            if log_this_step:  # what Lightning does right after on_train_batch_end, which the stop skips: the step's log row
+                trainer._logger_connector.on_batch_end()
+                trainer._logger_connector.update_train_step_metrics()
+            trainer.save_checkpoint(self.last_ckpt)  # FlushLogsOnSave writes the rows first
             raise Preempted(signum, f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
                                     f"saved {self.last_ckpt} and stopped")
 

@@ -46,8 +46,17 @@ def one_line(message) -> str:
         given = str(message).split("override ", 1)[1].strip() if "Error merging override " in str(message) else key
         group = key.split(".")[0]
         chosen = f" of this {group} (another {group}=... may have it)" if group in ("sampler", "schedule") else ""
-        text = f"{key} is not a setting{chosen}; drop it" if first.startswith("Key '") and " not in " in first else f"{given}: {first}"
+        unknown = first.startswith("Key '") and " not in " in first
+        text = f"{given}: {first}" if not unknown else refused(key) or f"{key} is not a setting{chosen}; drop it"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def refused(key: str) -> str | None:
+    """The one line for a lightning.Trainer argument that train.py sets itself (schema.TRAINER_REFUSED)."""
+    name = key.removeprefix("trainer.")
+    if key.startswith("trainer.") and name in schema.TRAINER_REFUSED:
+        return f"{key} is an argument of lightning.Trainer that is not a setting here: {schema.TRAINER_REFUSED[name]}"
+    return None
 
 
 def sweep_overrides(argv: list[str], multirun: bool) -> tuple[list[list[str]], list[str]]:

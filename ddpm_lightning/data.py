@@ -93,11 +93,12 @@ def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Ten
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+def step_seed(seed: int, step: int, rank: int, stream: int = 0, micro: int = 0) -> int:
     """A seed for one training step on one rank: the randomness of a step (noise, t, label drops, flips) is a
-    function of (seed, step, rank, stream), so a resumed run draws what the uninterrupted one would and ranks draw
-    differently, with no generator state to checkpoint."""
-    return hash((seed, step, rank, stream)) & (2**63 - 1)
+    function of (seed, step, rank, stream) and, under trainer.accumulate_grad_batches, the batch's place ``micro`` in
+    the update, so a resumed run draws what the uninterrupted one would and ranks draw differently, with no
+    generator state to checkpoint."""
+    return hash((seed, step, rank, stream) + ((micro,) if micro else ())) & (2**63 - 1)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +229,8 @@ class CIFARDataModule(L.LightningDataModule):
         x = to_unit_range(x)
         trainer = self.trainer
         if self.flip and trainer is not None and trainer.training:
-            g = torch.Generator(x.device).manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank, stream=1))
+            micro = (trainer.fit_loop.epoch_loop.batch_idx + 1) % trainer.accumulate_grad_batches  # this batch's, before ready
+            seed = step_seed(self.seed, trainer.global_step, trainer.global_rank, stream=1, micro=micro)
+            g = torch.Generator(x.device).manual_seed(seed)
             x = random_hflip(x, generator=g)
         return x, y

@@ -61,12 +61,13 @@ class DiffusionModule(L.LightningModule):
         return y if self.hparams.conditional else None
 
     def training_step(self, batch, batch_idx):
-        seed = step_seed(self.hparams.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches)
+        micro = batch_idx % self.trainer.accumulate_grad_batches  # the batch's place in an accumulated update
+        seed = step_seed(self.hparams.seed, self.global_step, self.global_rank, micro=micro)
         if self.hparams.recipe["dropout"]:
             torch.manual_seed(seed)  # dropout draws from the global generator: per step, so a resumed run drops the same units
         x0, y = batch
         loss = self.loss(self.fast.train, x0, self.labels(y), torch.Generator(self.device).manual_seed(seed))
-        self.skip_if_nonfinite(loss)
+        self.skip_if_nonfinite(loss, micro)
         n = x0.shape[0]
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=n)  # no prog_bar: see ProgressBar
         total = torch.stack([loss.detach() * n, torch.ones_like(loss.detach()) * n])  # no tensor from host data
@@ -89,16 +90,20 @@ class DiffusionModule(L.LightningModule):
         e = checkpoint.get("epoch_loss")
         self.epoch_loss = None if e is None else (e["epoch"], e["total"])
 
-    def skip_if_nonfinite(self, loss: torch.Tensor) -> None:
+    def skip_if_nonfinite(self, loss: torch.Tensor, micro: int = 0) -> None:
         """A NaN or infinite loss skips the update on the device, with no host sync: the fused Adam step reads
-        ``found_inf`` as under a grad scaler, so weights, optimizer state and EMA stay as they were. Every
-        ``nonfinite_check_every`` steps the count of consecutive skips is read (the one host read of a step)."""
+        ``found_inf`` as under a grad scaler, so weights, optimizer state and EMA stay as they were (an accumulated
+        update is skipped if any of its batches was). Every ``nonfinite_check_every`` steps the count of consecutive
+        non-finite losses is read (the one host read of a step)."""
         bad = (~torch.isfinite(loss.detach())).float()
+        if micro:
+            bad = torch.maximum(bad, self.update_skipped)
         self.optimizers().optimizer.found_inf = bad
         self.update_skipped = bad
         self.nonfinite_run = bad if self.nonfinite_run is None else (self.nonfinite_run + 1) * bad
         hp = self.hparams
-        if (self.global_step + 1) % hp.nonfinite_check_every == 0 and int(self.nonfinite_run.item()) >= hp.max_nonfinite:
+        check = (self.global_step + 1) % hp.nonfinite_check_every == 0 and not micro
+        if check and int(self.nonfinite_run.item()) >= hp.max_nonfinite:
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step} (epoch {self.current_epoch}): the loss was not finite for "
                 f"{int(self.nonfinite_run.item())} consecutive steps (updates skipped: weights, optimizer and EMA are the "

@@ -5,7 +5,7 @@ composition, in one place, before any data is read or anything is written; ``hel
 --help and the README's table, made from the same fields."""
 
 import math
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, List, Optional, get_args, get_origin
 
@@ -107,7 +107,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainerConfig:
+class TrainerOwnConfig:
     accelerator: str = setting("Lightning's accelerator", ["auto", "cpu", "gpu", "cuda", "mps"])
     devices: Any = setting("devices per node: a number >= 1 or auto (a whole number under hydra/launcher=slurm or local)")
     num_nodes: int = setting("nodes (machines) of one run, for multi-node DDP under SLURM")
@@ -115,15 +115,68 @@ class TrainerConfig:
     precision: str = setting("Lightning's precision (default bf16-mixed on a GPU)",
                              ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"])
     max_epochs: int = setting("epochs to train")
+    max_steps: int = setting("optimizer steps to train (-1: trainer.max_epochs decides); the LR schedule and ETA follow it")
     max_time: Optional[str] = setting("stop after this long, DD:HH:MM:SS")
     check_val_every_n_epoch: int = setting("validation loss and a sample grid every N epochs")
+    val_check_interval: Any = setting("validations within an epoch too: a fraction of it or a count of batches; "
+                                      "FID stays at epoch ends")
     limit_val_batches: Any = setting("validation batches: a fraction (<= 1.0) or a count (> 1)")
+    limit_train_batches: Any = setting("training batches per epoch: a fraction (<= 1.0) or a count (> 1); null: all")
+    accumulate_grad_batches: int = setting("batches per optimizer step (the EMA and LR schedule count optimizer steps)")
+    gradient_clip_val: Optional[float] = setting("clip gradients to this norm; the same as recipe.grad_clip (give one)")
     log_every_n_steps: int = setting("log the training loss every N steps")
     use_distributed_sampler: bool = setting("Lightning's sampler (the data module shards batches itself)")
     deterministic: bool = setting("deterministic algorithms only")
     fast_dev_run: bool = setting("one training and one validation batch, a one-image-per-class grid, no FID")
     max_nonfinite: int = setting("consecutive non-finite losses (updates skipped) before training stops")
     process_group_timeout: int = setting("seconds a rank waits for the others in a collective before the run stops (a rank died)")
+
+
+OURS = ("max_nonfinite", "process_group_timeout")  # trainer.* settings of this project, not arguments of lightning.Trainer
+TRAINER_REFUSED = {  # arguments of lightning.Trainer that train.py sets itself: why each is not a setting
+    "logger": "train.py builds the loggers: choose them with logger=wandb or logger=csv",
+    "callbacks": "train.py builds the callbacks: set them under callbacks.*",
+    "plugins": "train.py sets the checkpoint writer and the cluster environment itself",
+    "default_root_dir": "the run dir is hydra.run.dir",
+    "enable_checkpointing": "last.ckpt is what resume and preemption rely on",
+    "barebones": "it turns off the logging and checkpoints that train.py relies on",
+    "limit_test_batches": "train.py runs no test loop",
+    "limit_predict_batches": "train.py runs no predict loop",
+    "gradient_clip_algorithm": "clipping is by norm (recipe.grad_clip or trainer.gradient_clip_val)",
+}
+
+
+def _lightning_type(annotation) -> Any:
+    """A Trainer argument's annotation as an OmegaConf type: int, float, bool, str, Optional of one, else Any."""
+    plain = (int, float, bool, str)
+    if annotation in plain:
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is not None and len(args) == 1 and args[0] in plain and len(get_args(annotation)) == 2:
+        return Optional[args[0]]
+    return Any
+
+
+def trainer_schema():
+    """The trainer group's schema: this project's typed fields, then every other argument of the installed
+    lightning.Trainer (typed from its annotation, Lightning's default) except those train.py sets (TRAINER_REFUSED),
+    so that a new Lightning argument is a setting the day it appears."""
+    import inspect
+
+    from lightning import Trainer
+
+    own = {f.name for f in fields(TrainerOwnConfig)}
+    extra = []
+    for name, p in inspect.signature(Trainer.__init__).parameters.items():
+        if name == "self" or name in own or name in TRAINER_REFUSED:
+            continue
+        default = p.default if isinstance(p.default, (int, float, bool, str, type(None))) else None
+        help = f"lightning.Trainer's {name} (Lightning's default: {p.default})"
+        extra.append((name, _lightning_type(p.annotation), setting(help, default=default)))
+    return make_dataclass("TrainerConfig", extra, bases=(TrainerOwnConfig,))
+
+
+TrainerConfig = trainer_schema()
 
 
 @dataclass
@@ -363,6 +416,11 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
                      "a non-empty list of distinct CIFAR-10 classes", f"choose from {', '.join(CIFAR10_CLASSES)}"),
     "trainer.devices": (lambda v: v == "auto" or (_number(v) and v >= 1 and v == int(v)), "a whole number >= 1 or auto"),
     "trainer.max_epochs": (lambda v: v >= 1, ">= 1"),
+    "trainer.max_steps": (lambda v: v == -1 or v >= 1, ">= 1 (or -1: trainer.max_epochs decides)"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
+    "trainer.gradient_clip_val": (lambda v: v > 0, "> 0 (or null: no clipping)"),
+    "trainer.limit_train_batches": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count > 1"),
+    "trainer.val_check_interval": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count of batches"),
     "trainer.check_val_every_n_epoch": (lambda v: v >= 1, ">= 1"),
     "trainer.limit_val_batches": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count > 1"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
@@ -489,6 +547,10 @@ def relations(cfg: DictConfig) -> None:
     if not cfg.model.conditional and (cfg.guidance.p_uncond or any(_weights(cfg.guidance.w) or [])):
         raise ConfigError(f"guidance (w={cfg.guidance.w}, p_uncond={cfg.guidance.p_uncond}) given to the unconditional model; "
                           "use model=improved, or guidance=none with model=simple")
+    clip, trainer_clip = cfg.recipe.grad_clip, cfg.trainer.gradient_clip_val
+    if clip is not None and trainer_clip is not None and clip != trainer_clip:
+        raise ConfigError(f"recipe.grad_clip={clip} and trainer.gradient_clip_val={trainer_clip} are the same setting with two "
+                          "values; give one of them")
     if cfg.data.max_images is not None and cfg.data.batch_size > cfg.data.max_images:  # max_images: of the whole subset
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {cfg.data.max_images} training images that "
                           f"data.max_images={cfg.data.max_images} leaves at most; lower data.batch_size")

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning import cluster, files, metrics
+from ddpm_lightning import cluster, files, metrics, schema
 from ddpm_lightning.cli import startup
 from ddpm_lightning.callbacks import (EMA, ETA, FIDCallback, FlushLogsOnSave, Preemption, ProgressBar, SampleGrid, TrainingStarted,
                                       last_checkpoint)
@@ -116,24 +116,26 @@ def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> li
         FlushLogsOnSave(),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate),
+        *([ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate)] if cfg.trainer.enable_progress_bar is not False else []),
         LearningRateMonitor(logging_interval="step"),
         ETA(),
     ]
 
 
-def finished(run_dir: Path, max_epochs: int) -> bool:
-    """Whether the run dir holds a run that trained to ``max_epochs`` (its done.json, written at the end of fit)."""
+def finished(run_dir: Path, max_epochs: int, max_steps: int) -> bool:
+    """Whether the run dir holds a run that trained to ``max_epochs`` and ``max_steps`` (its done.json, written at the
+    end of fit)."""
     done = files.load_or_none(run_dir / "done.json", lambda p: json.loads(p.read_text()), "the done marker")
-    return done is not None and done.get("max_epochs") == max_epochs
+    return done is not None and done.get("max_epochs") == max_epochs and done.get("max_steps", -1) == max_steps
 
 
 def run(cfg: DictConfig) -> None:
     logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and file its messages
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not cfg.trainer.fast_dev_run and finished(run_dir, cfg.trainer.max_epochs):
-        log.info(f"{run_dir} already holds a run trained to trainer.max_epochs={cfg.trainer.max_epochs} (done.json); "
-                 "nothing to do (raise trainer.max_epochs to train on, or use another run dir)")
+    t = cfg.trainer
+    if not t.fast_dev_run and finished(run_dir, t.max_epochs, t.max_steps):
+        log.info(f"{run_dir} already holds a run trained to trainer.max_epochs={t.max_epochs}, trainer.max_steps={t.max_steps} "
+                 "(done.json); nothing to do (raise trainer.max_epochs or trainer.max_steps to train on, or use another run dir)")
         return
     start = time.perf_counter()
     SIGNALS.install()  # from here on a preemption signal stops the run (at once until training starts)
@@ -165,16 +167,18 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         log_prior_gap(module.schedule)
         callbacks = build_callbacks(cfg, data, run_dir)
         started = callbacks[0]
-        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-                        if k not in ("max_nonfinite", "process_group_timeout")}
+        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in schema.OURS}
         trainer_args |= cluster.trainer_environment(cfg)
-        trainer_args |= {"gradient_clip_val": cfg.recipe.grad_clip, "gradient_clip_algorithm": "norm"}
+        clip = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else cfg.trainer.gradient_clip_val  # one setting, two names
+        trainer_args |= {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
         trainer_args["plugins"] = [*trainer_args.get("plugins", []), files.checkpoint_io()]  # crash-safe checkpoint writes
         trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir, resumed_step), callbacks=callbacks, default_root_dir=run_dir)
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
     with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if not trainer.fast_dev_run and trainer.current_epoch >= cfg.trainer.max_epochs and trainer.is_global_zero:
-        files.write_json(run_dir / "done.json", {"max_epochs": cfg.trainer.max_epochs, "global_step": trainer.global_step,
+    t = cfg.trainer
+    reached = trainer.current_epoch >= t.max_epochs or 0 < t.max_steps <= trainer.global_step
+    if not trainer.fast_dev_run and reached and trainer.is_global_zero:
+        files.write_json(run_dir / "done.json", {"max_epochs": t.max_epochs, "max_steps": t.max_steps, "global_step": trainer.global_step,
                                                  "seconds_this_process": round(time.perf_counter() - start, 1)}, "the run's done marker")

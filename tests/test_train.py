@@ -106,7 +106,7 @@ def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python,
     p = train(python, *smoke_args(cifar_root, tmp_path / "run", "trainer.max_epochs=100000", "+trainer.max_time=00:00:00:10",
                                   "trainer.check_val_every_n_epoch=1000", "logger=csv"))
     assert p.returncode == 0, p.stderr[-3000:]
-    line = next(line for line in (p.stdout + p.stderr).splitlines() if "s per training step" in line)
+    line = next(line for line in (p.stdout + p.stderr).splitlines() if "s per optimizer step" in line)
     assert "steps left take about" in line and "experiment=smoke" in line and "experiment=paper_cpu" in line, line
     assert not (tmp_path / "run" / "done.json").exists()  # stopped by max_time, not finished
 
