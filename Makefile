@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install train paper test test-slow
+.PHONY: install train paper test test-slow lint format
 
 install: $(VENV)/.installed
 
@@ -24,3 +24,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -11,7 +11,9 @@ from ddpm_lightning.cli import exit_on_config_error, main_entry, startup
 def main(cfg: DictConfig) -> None:
     from ddpm_lightning.evaluate import run
 
-    with startup("the evaluation", cfg=cfg):  # a library's error is one line, exit 2 (HYDRA_FULL_ERROR=1: the traceback)
+    with startup(
+        "the evaluation", cfg=cfg
+    ):  # a library's error is one line, exit 2 (HYDRA_FULL_ERROR=1: the traceback)
         run(cfg)
 
 

@@ -8,14 +8,11 @@ The training images are the shared five classes when ../shared is there (else ra
     .venv/bin/python bench/memorization_cost.py --out bench/results/memorization_cost_cpu.json   # about 5 minutes on 2 cores
 """
 
-import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import arguments, device, report, seconds
 
-from common import device, report, sync
 from ddpm_lightning import metrics
 from ddpm_lightning.data import load_subset
 
@@ -24,13 +21,9 @@ FIVE = ["airplane", "automobile", "cat", "horse", "ship"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--train", type=int, default=25000)
-    parser.add_argument("--inception-images", type=int, default=200, help="Inception per image is linear in N: timed on this many, scaled to --n")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    args = arguments(
+        __doc__, n=1000, train=25000, inception_images=200, rounds=3
+    )  # Inception timed on inception_images, scaled
     dev = device()
     folder = SHARED / "data" / "cifar10-five-class-jpeg" / "cifar-10-batches-py"
     g = torch.Generator().manual_seed(0)
@@ -41,22 +34,28 @@ def main() -> None:
     generated = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8, generator=g).to(dev)
     weights = SHARED / "weights" / "pt_inception-2015-12-05-pool3-only.pth"
     detector = metrics.load_inception(str(weights) if weights.is_file() else None).to(dev)
-    cases = {"memorization (d1, d2 of N images)": lambda: metrics.nearest_training_images(generated, train),
-             "Inception features of N images": lambda: metrics.extract(detector, generated[: args.inception_images], 100)}
-    times = {name: [] for name in cases}
-    for _ in range(args.rounds):
-        for name, fn in cases.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    memo = statistics.median(times["memorization (d1, d2 of N images)"])
-    incep = statistics.median(times["Inception features of N images"]) * args.n / args.inception_images
-    rows = [{"case": "memorization (d1, d2 of N images)", "n": args.n, "train_images": len(train), "seconds": round(memo, 3)},
-            {"case": "Inception features of N images", "n": args.n, "seconds": round(incep, 3),
-             "note": f"timed on {args.inception_images} images, scaled to N"},
-            {"case": "memorization / Inception", "ratio": round(memo / incep, 4)}]
+    cases = {
+        "memorization (d1, d2 of N images)": lambda: metrics.nearest_training_images(generated, train),
+        "Inception features of N images": lambda: metrics.extract(detector, generated[: args.inception_images], 100),
+    }
+    times = seconds(cases, rounds=args.rounds)
+    memo = times["memorization (d1, d2 of N images)"]
+    incep = times["Inception features of N images"] * args.n / args.inception_images
+    rows = [
+        {
+            "case": "memorization (d1, d2 of N images)",
+            "n": args.n,
+            "train_images": len(train),
+            "seconds": round(memo, 3),
+        },
+        {
+            "case": "Inception features of N images",
+            "n": args.n,
+            "seconds": round(incep, 3),
+            "note": f"timed on {args.inception_images} images, scaled to N",
+        },
+        {"case": "memorization / Inception", "ratio": round(memo / incep, 4)},
+    ]
     report("memorization_cost", rows, args.out, train_source=source, rounds=args.rounds)
 
 

@@ -10,47 +10,47 @@ over 2B per step), DPM-Solver++ with 20 steps.
     .venv/bin/python bench/sample_throughput.py [--width 8] [--batch 32] [--steps 20] [--compile] [--bf16]
 """
 
-import argparse
-
 import torch
+from common import arguments, bench_module, device, flops, peak_tflops, record, report, reset_memory, seconds
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from common import device, flops, peak_tflops, record, report, reset_memory, timed
-from train_throughput import K, diffusers_unet, make_module
+from train_throughput import K, diffusers_unet
 
 
 def main():
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser()
-    p.add_argument("--width", type=int, default=64 if gpu else 8)
-    p.add_argument("--batch", type=int, default=1000 if gpu else 32)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3 if gpu else 2)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=gpu)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args()
+    args = arguments(
+        __doc__, width=(64, 8), batch=(1000, 32), steps=20, repeats=(3, 2), compile=(True, False), bf16=(True, False)
+    )
     dev = device()
     torch.manual_seed(0)
-    module = make_module(args.width, gpu=gpu, compile_=args.compile, bf16=args.bf16).to(dev).eval()
+    module = bench_module(args.width, gpu, args.compile, args.bf16).to(dev).eval()
     labels = torch.arange(args.batch, device=dev) % K
     sampler = dict(name="dpm_solver", steps=args.steps, spacing="quadratic")
 
     def ours():
-        return module.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+        return module.sample(
+            labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch
+        )
 
-    plain = make_module(args.width, gpu=False).to(dev).eval()
+    plain = bench_module(args.width).to(dev).eval()
     plain.load_state_dict(module.state_dict())
 
     def all_off():
         with sdpa_kernel(SDPBackend.MATH):
-            return plain.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), batch_size=args.batch)
+            return plain.sample(
+                labels=labels,
+                w=2.0,
+                sampler=sampler,
+                generator=torch.Generator(dev).manual_seed(0),
+                batch_size=args.batch,
+            )
 
     from diffusers import DPMSolverMultistepScheduler
 
     d_net = diffusers_unet(args.width).to(dev).eval()
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=500, beta_start=1e-4, beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=500, beta_start=1e-4, beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2
+    )
     y2 = torch.cat([labels, torch.full_like(labels, K)])
 
     @torch.no_grad()
@@ -67,18 +67,36 @@ def main():
     d_per_image = args.steps * flops(lambda: d_net(x2, t2, class_labels=y2)) / args.batch
     peak = peak_tflops(args.peak_tflops)
     rows = []
-    for name, fn, f in [("(a) project default (DiffusionModule.sample)", ours, per_image), ("(b) every speed option off", all_off, per_image),
-                        ("(c) diffusers UNet2DModel + DPMSolverMultistepScheduler", diffusers_sampling, d_per_image)]:
+    for name, fn, f in [
+        ("(a) project default (DiffusionModule.sample)", ours, per_image),
+        ("(b) every speed option off", all_off, per_image),
+        ("(c) diffusers UNet2DModel + DPMSolverMultistepScheduler", diffusers_sampling, d_per_image),
+    ]:
         reset_memory()
         with torch.no_grad():
-            seconds = timed(fn, warmup=1, repeats=args.repeats)
-        rows.append(record(name, args.batch / seconds, f, peak))
+            s = seconds({name: fn}, rounds=args.repeats, warmup=1)[name]
+        rows.append(record(name, args.batch / s, f, peak))
     a, b, c = (r["images_per_s"] for r in rows)
-    diff = (ours().int() - all_off().int()).abs()  # uint8 levels; an untrained net's images are noise-like, the hardest case
-    report("sample_throughput", rows, out=args.out, width=args.width, batch=args.batch, steps=args.steps, guided=True,
-           compile=args.compile, bf16=args.bf16, ratios={"default_over_all_off": round(a / b, 3), "default_over_diffusers": round(a / c, 3)},
-           agreement={"mean_abs_uint8": round(diff.float().mean().item(), 4), "max_abs_uint8": diff.max().item(),
-                      "share_equal": round((diff == 0).float().mean().item(), 4)})
+    diff = (
+        ours().int() - all_off().int()
+    ).abs()  # uint8 levels; an untrained net's images are noise-like, the hardest case
+    report(
+        "sample_throughput",
+        rows,
+        out=args.out,
+        width=args.width,
+        batch=args.batch,
+        steps=args.steps,
+        guided=True,
+        compile=args.compile,
+        bf16=args.bf16,
+        ratios={"default_over_all_off": round(a / b, 3), "default_over_diffusers": round(a / c, 3)},
+        agreement={
+            "mean_abs_uint8": round(diff.float().mean().item(), 4),
+            "max_abs_uint8": diff.max().item(),
+            "share_equal": round((diff == 0).float().mean().item(), 4),
+        },
+    )
 
 
 if __name__ == "__main__":

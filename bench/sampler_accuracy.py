@@ -8,17 +8,18 @@ q(x_T), so the gap between q(x_T) and N(0, I) does not blur the comparison.
     .venv/bin/python bench/sampler_accuracy.py [--T 500] [--schedule linear]
 """
 
-import argparse
-import json
 import math
 
 import torch
+from common import arguments, report
 
 from ddpm_lightning.diffusion.samplers import ancestral, ddim, dpm_solver
 from ddpm_lightning.diffusion.schedule import build_schedule
 
 K, RADIUS, STD = 8, 0.8, 0.1
-MEANS = torch.stack([torch.tensor([math.cos(2 * math.pi * k / K), math.sin(2 * math.pi * k / K)]) * RADIUS for k in range(K)])
+MEANS = torch.stack(
+    [torch.tensor([math.cos(2 * math.pi * k / K), math.sin(2 * math.pi * k / K)]) * RADIUS for k in range(K)]
+)
 
 
 def draw_data(n, g):
@@ -47,11 +48,7 @@ def sliced_w2(x, y, g, projections=512):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, default=500)
-    p.add_argument("--schedule", default="linear")
-    p.add_argument("--n", type=int, default=50_000)
-    args = p.parse_args()
+    args = arguments(__doc__, T=500, schedule="linear", n=50_000)
     torch.set_default_dtype(torch.float64)
     schedule = build_schedule(args.schedule, T=args.T).to("cpu", torch.float64)
     eps_fn = exact_eps(schedule)
@@ -61,19 +58,33 @@ def main():
     x_T = ab_T.sqrt() * draw_data(args.n, g) + (1 - ab_T).sqrt() * torch.randn(args.n, 2, generator=g)  # exact q(x_T)
     runs = [("ancestral", "all", args.T, lambda: ancestral(eps_fn, schedule, x_T, torch.Generator().manual_seed(1)))]
     for spacing in ("uniform", "quadratic"):
-        runs += [("ddim", spacing, s, lambda s=s, sp=spacing: ddim(eps_fn, schedule, x_T, steps=s, spacing=sp)) for s in (10, 20, 50, 100)]
+        runs += [
+            ("ddim", spacing, s, lambda s=s, sp=spacing: ddim(eps_fn, schedule, x_T, steps=s, spacing=sp))
+            for s in (10, 20, 50, 100)
+        ]
     for spacing, steps in (("quadratic", (10, 15, 20, 30, 50)), ("uniform", (10, 20, 50))):
-        runs += [("dpm_solver", spacing, s, lambda s=s, sp=spacing: dpm_solver(eps_fn, schedule, x_T, steps=s, spacing=sp)) for s in steps]
+        runs += [
+            ("dpm_solver", spacing, s, lambda s=s, sp=spacing: dpm_solver(eps_fn, schedule, x_T, steps=s, spacing=sp))
+            for s in steps
+        ]
     floor = sliced_w2(draw_data(args.n, g), reference, torch.Generator().manual_seed(2))
     rows = [dict(sampler="floor (data vs data)", spacing="", steps=0, network_calls=0, sliced_w2=floor)]
     for name, spacing, steps, run in runs:
         distance = sliced_w2(run(), reference, torch.Generator().manual_seed(2))
         rows.append(dict(sampler=name, spacing=spacing, steps=steps, network_calls=steps, sliced_w2=distance))
-    dpm20 = next(r["sliced_w2"] for r in rows if (r["sampler"], r["spacing"], r["steps"]) == ("dpm_solver", "quadratic", 20))
+    dpm20 = next(
+        r["sliced_w2"] for r in rows if (r["sampler"], r["spacing"], r["steps"]) == ("dpm_solver", "quadratic", 20)
+    )
     ddim50 = min(r["sliced_w2"] for r in rows if (r["sampler"], r["steps"]) == ("ddim", 50))
-    result = dict(benchmark="sampler_accuracy", schedule=args.schedule, T=args.T, n=args.n, rows=rows,
-                  dpm_solver_20_at_least_as_close_as_ddim_50=dpm20 <= ddim50)
-    print(json.dumps(result, indent=1))
+    report(
+        "sampler_accuracy",
+        rows,
+        args.out,
+        schedule=args.schedule,
+        T=args.T,
+        n=args.n,
+        dpm_solver_20_at_least_as_close_as_ddim_50=dpm20 <= ddim50,
+    )
     print("\n| sampler | spacing | steps = network calls | sliced W2 |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['sliced_w2']:.4f} |")

@@ -7,12 +7,8 @@ It also counts the network calls: classifier-free guidance must cost one forward
     .venv/bin/python bench/sampler_overhead.py [--repeats 3] [--batch 16]
 """
 
-import argparse
-import json
-import statistics
-import time
-
 import torch
+from common import arguments, report, seconds
 
 from ddpm_lightning.diffusion.guidance import guided
 from ddpm_lightning.diffusion.samplers import ancestral, ddim, dpm_solver
@@ -31,19 +27,24 @@ class Counted(torch.nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=16)
-    args = p.parse_args()
+    args = arguments(__doc__, repeats=3, batch=16)
     torch.manual_seed(0)
     B, T = args.batch, 500
     net = Counted(UNet(width=8, emb_dim=32, heads=2, num_classes=5).eval())
-    schedule, schedule_50 = build_schedule("linear", T=T), build_schedule("linear", T=50)  # ancestral runs all T: time T = 50
+    schedule, schedule_50 = (
+        build_schedule("linear", T=T),
+        build_schedule("linear", T=50),
+    )  # ancestral runs all T: time T = 50
     y = torch.randint(0, 5, (B,))
     x_T = torch.randn(B, 3, 32, 32)
-    cases = {"ancestral": (lambda: ancestral(guided(net, y, 2.0, 5), schedule_50, x_T, torch.Generator().manual_seed(0)), 50),
-             "ddim": (lambda: ddim(guided(net, y, 2.0, 5), schedule, x_T, steps=50), 50),
-             "dpm_solver": (lambda: dpm_solver(guided(net, y, 2.0, 5), schedule, x_T, steps=20), 20)}
+    cases = {
+        "ancestral": (
+            lambda: ancestral(guided(net, y, 2.0, 5), schedule_50, x_T, torch.Generator().manual_seed(0)),
+            50,
+        ),
+        "ddim": (lambda: ddim(guided(net, y, 2.0, 5), schedule, x_T, steps=50), 50),
+        "dpm_solver": (lambda: dpm_solver(guided(net, y, 2.0, 5), schedule, x_T, steps=20), 20),
+    }
     x2, t2, y2 = torch.randn(2 * B, 3, 32, 32), torch.randint(0, T, (2 * B,)), torch.cat([y, torch.full_like(y, 5)])
 
     def bare(n):
@@ -57,22 +58,28 @@ def main():
             net.batches.clear()
             run()  # warm-up, and the call count
             counted = list(net.batches)
-            sampler_s, bare_s = [], []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run()
-                sampler_s.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                bare(calls)
-                bare_s.append(time.perf_counter() - t0)
-            ratio = statistics.median(sampler_s) / statistics.median(bare_s)
-            rows.append(dict(sampler=name, steps=calls, network_calls=len(counted), batch_per_call=sorted(set(counted)),
-                             sampler_s=statistics.median(sampler_s), bare_forward_s=statistics.median(bare_s),
-                             overhead=ratio - 1))
-    print(json.dumps(dict(benchmark="sampler_overhead", device="cpu", batch=B, threads=torch.get_num_threads(), rows=rows), indent=1))
-    print("\n| sampler | steps | network calls (batch) | sampler s | bare forwards s | overhead |\n| --- | --- | --- | --- | --- | --- |")
+            times = seconds(
+                {"sampler": run, "bare": lambda calls=calls: bare(calls)}, rounds=args.repeats
+            )  # interleaved
+            rows.append(
+                dict(
+                    sampler=name,
+                    steps=calls,
+                    network_calls=len(counted),
+                    batch_per_call=sorted(set(counted)),
+                    sampler_s=times["sampler"],
+                    bare_forward_s=times["bare"],
+                    overhead=times["sampler"] / times["bare"] - 1,
+                )
+            )
+    report("sampler_overhead", rows, args.out, batch=B, threads=torch.get_num_threads())
+    print(
+        "\n| sampler | steps | network calls (batch) | sampler s | bare forwards s | overhead |\n| --- | --- | --- | --- | --- | --- |"
+    )
     for r in rows:
-        print(f"| {r['sampler']} | {r['steps']} | {r['network_calls']} ({r['batch_per_call']}) | {r['sampler_s']:.3f} | {r['bare_forward_s']:.3f} | {r['overhead']:+.1%} |")
+        print(
+            f"| {r['sampler']} | {r['steps']} | {r['network_calls']} ({r['batch_per_call']}) | {r['sampler_s']:.3f} | {r['bare_forward_s']:.3f} | {r['overhead']:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

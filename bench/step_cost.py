@@ -8,33 +8,36 @@ figure is the median of its rounds, so a slow spell of the shared machine hits t
     .venv/bin/python bench/step_cost.py --out bench/results/step_cost_cpu.json      # about 6 minutes on 2 cores
 """
 
-import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+from common import arguments, diffusers_peer, report, seconds
 
-from common import report, sync
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.testing import tiny_module
 
-PLACEMENTS = {"paper: 32, 16, 8, 4": [32, 16, 8, 4], "16, 8, 4 (no 32x32)": [16, 8, 4], "16, 8 (ADM)": [16, 8],
-              "16 (DDPM)": [16], "8, 4": [8, 4], "none": []}
+PLACEMENTS = {
+    "paper: 32, 16, 8, 4": [32, 16, 8, 4],
+    "16, 8, 4 (no 32x32)": [16, 8, 4],
+    "16, 8 (ADM)": [16, 8],
+    "16 (DDPM)": [16],
+    "8, 4": [8, 4],
+    "none": [],
+}
 
 
 def our_step(width: int, attention: list[int], batch: int, recipe: dict | None = None):
     """One training step of the simple model at ``width`` (emb_dim 4 width, as paper_cpu), with the recipe's levers."""
     recipe = recipe or {}
-    m = DiffusionModule(net=dict(width=width, emb_dim=4 * width, heads=2 if width <= 16 else 4, attention=attention),
-                        schedule=dict(kind="linear", T=500), class_names=["automobile"], conditional=False, p_uncond=0.0,
-                        guidance_w=0.0, sampler=dict(name="ddim", steps=10), loss_weighting=recipe.get("loss_weighting", "none"))
+    m = tiny_module(
+        net=dict(width=width, emb_dim=4 * width, heads=2 if width <= 16 else 4, attention=attention),
+        schedule=dict(T=500),
+        recipe=dict(loss_weighting=recipe.get("loss_weighting", "none")),
+    )
     opt = torch.optim.Adam(m.net.parameters(), lr=1e-3, fused=True)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    y = torch.zeros(batch, dtype=torch.long)
     clip = recipe.get("grad_clip")
 
     def step():
-        loss = m.loss(x, y, weighting=m.hparams.loss_weighting)
+        loss = m.loss(m.net, x, None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -47,9 +50,7 @@ def our_step(width: int, attention: list[int], batch: int, recipe: dict | None =
 def peer_step(batch: int):
     """diffusers' unconditional training step: DDPMScheduler(1000, linear).add_noise, UNet2DModel, MSE on the noise,
     AdamW (the example's betas 0.95/0.999, weight decay 1e-6)."""
-    from peer_diffusers import make_peer
-
-    net, scheduler = make_peer()
+    net, scheduler = diffusers_peer()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
 
@@ -66,39 +67,31 @@ def peer_step(batch: int):
 
 def measure(cases: dict, steps: int, rounds: int, batch: int) -> list[dict]:
     built = {name: make() for name, make in cases.items()}
-    for step, _ in built.values():  # warm-up
-        step()
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, (step, _) in built.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            times[name].append((time.perf_counter() - start) / steps)
-    return [dict(case=name, params=built[name][1], s_per_step=round(statistics.median(t), 5),
-                 images_per_s=round(batch / statistics.median(t), 2)) for name, t in times.items()]
+    times = seconds({name: step for name, (step, _) in built.items()}, rounds=rounds, warmup=1, calls=steps)
+    return [
+        dict(case=name, params=built[name][1], s_per_step=round(t, 5), images_per_s=round(batch / t, 2))
+        for name, t in times.items()
+    ]
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="steps per case per round at width 16")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--wide", type=int, default=64, help="the second width (the paper's 64)")
-    p.add_argument("--wide-batch", type=int, default=16)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = arguments(
+        __doc__, batch=64, steps=5, rounds=5, wide=64, wide_batch=16
+    )  # steps: per case per round at width 16
     torch.manual_seed(0)
     rows = []
     fast = dict(loss_weighting="min_snr", grad_clip=1.0)
     cases16 = {f"width 16, attention {k}": (lambda a=a: our_step(16, a, args.batch)) for k, a in PLACEMENTS.items()}
-    cases16["width 16, attention 8, 4, recipe=fast (Min-SNR weights, clipping)"] = lambda: our_step(16, [8, 4], args.batch, fast)
+    cases16["width 16, attention 8, 4, recipe=fast (Min-SNR weights, clipping)"] = lambda: our_step(
+        16, [8, 4], args.batch, fast
+    )
     cases16["peer: diffusers UNet2DModel + DDPMScheduler"] = lambda: peer_step(args.batch)
     for row in measure(cases16, args.steps, args.rounds, args.batch):
         rows.append(dict(width=16, batch=args.batch, **row))
-    wide = {f"width {args.wide}, attention {k}": (lambda a=a: our_step(args.wide, a, args.wide_batch)) for k, a in PLACEMENTS.items()}
+    wide = {
+        f"width {args.wide}, attention {k}": (lambda a=a: our_step(args.wide, a, args.wide_batch))
+        for k, a in PLACEMENTS.items()
+    }
     for row in measure(wide, 1, 3, args.wide_batch):
         rows.append(dict(width=args.wide, batch=args.wide_batch, **row))
     for width in (16, args.wide):
@@ -107,9 +100,13 @@ def main():
             if r["width"] == width:
                 r["ratio_to_paper"] = round(r["images_per_s"] / base["images_per_s"], 3)
     report("step_cost", rows, args.out)
-    print("\n| width | case | parameters | images/s | ratio to the paper's placement |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| width | case | parameters | images/s | ratio to the paper's placement |\n| --- | --- | --- | --- | --- |"
+    )
     for r in rows:
-        print(f"| {r['width']} | {r['case']} | {r['params'] / 1e6:.2f}M | {r['images_per_s']} | {r['ratio_to_paper']} |")
+        print(
+            f"| {r['width']} | {r['case']} | {r['params'] / 1e6:.2f}M | {r['images_per_s']} | {r['ratio_to_paper']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,29 +13,19 @@ On the CPU with a tiny net (width 8) by default; on a GPU with the paper's net (
     .venv/bin/python bench/train_throughput.py [--width 8] [--batch 32] [--steps 30] [--peak-tflops X]
 """
 
-import argparse
 import time
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import arguments, bench_module, device, flops, peak_tflops, record, report, reset_memory, seconds, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from common import device, flops, peak_tflops, record, report, reset_memory, sync, timed
 from ddpm_lightning.callbacks import EMA, EMAModel
 from ddpm_lightning.data import CIFARDataModule, random_hflip, step_seed, to_unit_range
-from ddpm_lightning.module import DiffusionModule
 
 K = 5  # classes
-
-
-def make_module(width, gpu, compile_=None, bf16=None):
-    """The improved model at ``width`` with the speed options of a GPU (gpu=True) or all off; compile_/bf16 override."""
-    return DiffusionModule(net=dict(width=width, emb_dim=4 * width, heads=4 if width >= 16 else 2), schedule=dict(kind="linear", T=500),
-                           class_names=[str(k) for k in range(K)], conditional=True, p_uncond=0.1, guidance_w=1.0,
-                           sampler=dict(name="ddim", steps=10), compile=gpu if compile_ is None else compile_, channels_last=gpu,
-                           bf16_sampling=gpu if bf16 is None else bf16)
 
 
 def fake_data(n):
@@ -58,14 +48,23 @@ class Clock(L.Callback):
 
 
 def lightning_path(width, batch, steps, warmup, gpu, images, labels):
-    module = make_module(width, gpu)
+    module = bench_module(width, gpu)
     dm = CIFARDataModule("unused", ["cat"], batch_size=batch)
     dm.train_images, dm.train_labels, dm.test_images, dm.test_labels = images, labels, images[:batch], labels[:batch]
     clock = Clock(warmup)
-    trainer = L.Trainer(max_steps=warmup + steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
-                        precision="bf16-mixed" if gpu else "32-true", accelerator="auto", devices=1,
-                        callbacks=[clock, EMA(0.9999)])
+    trainer = L.Trainer(
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        precision="bf16-mixed" if gpu else "32-true",
+        accelerator="auto",
+        devices=1,
+        callbacks=[clock, EMA(0.9999)],
+    )
     trainer.fit(module, datamodule=dm)
     return batch * steps / clock.seconds
 
@@ -73,9 +72,10 @@ def lightning_path(width, batch, steps, warmup, gpu, images, labels):
 def plain_loop(width, batch, steps, warmup, gpu, images, labels):
     """The same work as (a) per step, without Lightning: gather, scale, flip, loss, skip check, fused Adam, EMA."""
     dev = device()
-    module = make_module(width, gpu).to(dev)
+    module = bench_module(width, gpu).to(dev)
     ema = EMAModel(module.net, multi_avg_fn=get_ema_multi_avg_fn(0.9999))
-    module.setup("fit")
+    module.fast.compile_for_training()
+    module.schedule.to(dev)
     opt = torch.optim.Adam(module.net.parameters(), lr=1e-3, fused=True)
     images, labels = images.to(dev), labels.to(dev)
     n = len(labels)
@@ -88,14 +88,14 @@ def plain_loop(width, batch, steps, warmup, gpu, images, labels):
         g = torch.Generator(dev).manual_seed(step_seed(0, i, 0))
         x = random_hflip(to_unit_range(images[idx]), generator=g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = module.loss(x, labels[idx], generator=g, net=module.forward_train)
+            loss = module.loss(module.fast.train, x, labels[idx], g)
         opt.found_inf = (~torch.isfinite(loss.detach())).float()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update_parameters(module.net)
 
-    return batch / timed(step, warmup, steps)
+    return batch / seconds({"step": step}, rounds=steps, warmup=warmup)["step"]
 
 
 def all_off(width, batch, steps, warmup, images, labels):
@@ -104,10 +104,12 @@ def all_off(width, batch, steps, warmup, images, labels):
     from torchvision import transforms
 
     dev = device()
-    module = make_module(width, gpu=False).to(dev)
+    module = bench_module(width).to(dev)
     opt = torch.optim.Adam(module.net.parameters(), lr=1e-3, foreach=False)
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
-    tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    tf = transforms.Compose(
+        [transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    )
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):
@@ -116,7 +118,9 @@ def all_off(width, batch, steps, warmup, images, labels):
         def __getitem__(self, i):
             return tf(pil[i]), labels[i]
 
-    loader = torch.utils.data.DataLoader(Images(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2 if dev.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(
+        Images(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2 if dev.type == "cuda" else 0
+    )
     it = iter(loader)
 
     def step():
@@ -127,21 +131,28 @@ def all_off(width, batch, steps, warmup, images, labels):
             it = iter(loader)
             x, y = next(it)
         with sdpa_kernel(SDPBackend.MATH):
-            loss = module.loss(x.to(dev), y.to(dev))
+            loss = module.loss(module.net, x.to(dev), y.to(dev))
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    return batch / timed(step, warmup, steps)
+    return batch / seconds({"step": step}, rounds=steps, warmup=warmup)["step"]
 
 
 def diffusers_unet(width):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(width, 2 * width, 4 * width, 5 * width),
-                       layers_per_block=1, norm_num_groups=min(32, width), num_class_embeds=K + 1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(width, 2 * width, 4 * width, 5 * width),
+        layers_per_block=1,
+        norm_num_groups=min(32, width),
+        num_class_embeds=K + 1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
 
 
 def diffusers_loop(width, batch, steps, warmup, images, labels):
@@ -163,43 +174,59 @@ def diffusers_loop(width, batch, steps, warmup, images, labels):
         loss.backward()
         opt.step()
 
-    return batch / timed(step, warmup, steps), sum(p.numel() for p in net.parameters())
+    return batch / seconds({"step": step}, rounds=steps, warmup=warmup)["step"], sum(
+        p.numel() for p in net.parameters()
+    )
 
 
 def main():
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser()
-    p.add_argument("--width", type=int, default=64 if gpu else 8)
-    p.add_argument("--batch", type=int, default=256 if gpu else 32)
-    p.add_argument("--steps", type=int, default=200 if gpu else 30)
-    p.add_argument("--warmup", type=int, default=30 if gpu else 5)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args()
+    args = arguments(__doc__, width=(64, 8), batch=(256, 32), steps=(200, 30), warmup=(30, 5))
     torch.manual_seed(0)
     images, labels = fake_data(max(4096, 8 * args.batch))
-    module = make_module(args.width, gpu=False)
+    module = bench_module(args.width)
     x, y = to_unit_range(images[: args.batch]), labels[: args.batch]
-    per_image = flops(lambda: module.loss(x, y).backward()) / args.batch  # forward + backward
+    per_image = flops(lambda: module.loss(module.net, x, y).backward()) / args.batch  # forward + backward
     d_net = diffusers_unet(args.width)
-    d_per_image = flops(lambda: F.mse_loss(d_net(x, torch.zeros(args.batch, dtype=torch.long), class_labels=y).sample, x).backward()) / args.batch
+    d_per_image = (
+        flops(
+            lambda: F.mse_loss(d_net(x, torch.zeros(args.batch, dtype=torch.long), class_labels=y).sample, x).backward()
+        )
+        / args.batch
+    )
     peak = peak_tflops(args.peak_tflops)
     common = (args.width, args.batch, args.steps, args.warmup)
     rows = []
     reset_memory()
-    rows.append(record("(a) project default, through Lightning", lightning_path(*common, gpu, images, labels), per_image, peak))
+    rows.append(
+        record("(a) project default, through Lightning", lightning_path(*common, gpu, images, labels), per_image, peak)
+    )
     reset_memory()
     rows.append(record("(a') same step, plain PyTorch loop", plain_loop(*common, gpu, images, labels), per_image, peak))
     reset_memory()
-    rows.append(record("(b) every speed option off (the paper's way)", all_off(*common, images, labels), per_image, peak))
+    rows.append(
+        record("(b) every speed option off (the paper's way)", all_off(*common, images, labels), per_image, peak)
+    )
     reset_memory()
     ips, n_params = diffusers_loop(*common, images, labels)
     rows.append(record(f"(c) diffusers UNet2DModel ({n_params / 1e6:.2f}M) + DDPMScheduler", ips, d_per_image, peak))
     a, a_plain, b, c = (r["images_per_s"] for r in rows)
-    report("train_throughput", rows, out=args.out, width=args.width, batch=args.batch, steps=args.steps,
-           params_m=round(sum(p.numel() for p in module.parameters()) / 1e6, 3), gflop_per_image=round(per_image / 1e9, 4),
-           peak_tflops=peak, ratios={"lightning_cost": round(a_plain / a - 1, 4), "default_over_all_off": round(a / b, 3),
-                                     "default_over_diffusers": round(a / c, 3)})
+    report(
+        "train_throughput",
+        rows,
+        out=args.out,
+        width=args.width,
+        batch=args.batch,
+        steps=args.steps,
+        params_m=round(sum(p.numel() for p in module.parameters()) / 1e6, 3),
+        gflop_per_image=round(per_image / 1e9, 4),
+        peak_tflops=peak,
+        ratios={
+            "lightning_cost": round(a_plain / a - 1, 4),
+            "default_over_all_off": round(a / b, 3),
+            "default_over_diffusers": round(a / c, 3),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ def _gpu_or(on_gpu, otherwise):
 OmegaConf.register_new_resolver("gpu_or", _gpu_or, replace=True)
 
 
-
 def _job_or_now(pattern: str) -> str:
     """${job_or_now:%Y-%m-%d/%H-%M-%S} in conf/: under srun, slurm/<job id>[_<array task>]/step<step id>, the same for every
     rank and for the job after a requeue (so it resumes there); else the time now."""

@@ -15,9 +15,9 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
 from ddpm_lightning import metrics
-from ddpm_lightning.files import save_png
 from ddpm_lightning.cluster import SIGNALS, Preempted
 from ddpm_lightning.errors import Interrupted
+from ddpm_lightning.files import save_png
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,22 @@ class SampleGrid(L.Callback):
             return
         try:
             if trainer.fast_dev_run:  # the path, not the picture: one image per class, two DDIM steps
-                grid, caption = sample_grid(pl_module, 1, 1, self.seed, {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform"})
+                grid, caption = sample_grid(
+                    pl_module, 1, 1, self.seed, {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "uniform"}
+                )
             else:
                 grid, caption = sample_grid(pl_module, self.n_per_class, self.n, self.seed)
         except Interrupted:  # a preemption signal: callbacks.Preemption stops the run at the end of this validation
             return
-        name = f"epoch_{trainer.current_epoch:04d}" + ("" if at_epoch_end(trainer) else f"_step_{trainer.global_step:07d}")
+        name = f"epoch_{trainer.current_epoch:04d}" + (
+            "" if at_epoch_end(trainer) else f"_step_{trainer.global_step:07d}"
+        )
         save_png(grid, Path(trainer.default_root_dir) / "samples" / f"{name}.png", "a sample grid")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step, caption=[caption])
+                logger.log_image(
+                    "samples", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step, caption=[caption]
+                )
 
 
 class FIDCallback(L.Callback):
@@ -75,10 +81,24 @@ class FIDCallback(L.Callback):
     class agreement (val/class_acc and its floor); the memorized fraction (val/memorized, val/nn_ratio_median); all
     suffixed _w<w> when several guidance weights are given; and a grid of the first samples. When to evaluate is decided here; how, in metrics.evaluate."""
 
-    def __init__(self, detector, reference: dict, floor: dict, every_n_epochs: int, num_samples: int, guidance_ws: list[float | None],
-                 settings: dict, batch_size: int = 250):
+    def __init__(
+        self,
+        detector,
+        reference: dict,
+        floor: dict,
+        every_n_epochs: int,
+        num_samples: int,
+        guidance_ws: list[float | None],
+        settings: dict,
+        batch_size: int = 250,
+    ):
         self.detector, self.reference, self.floor, self.every_n_epochs = detector, reference, floor, every_n_epochs
-        self.num_samples, self.guidance_ws, self.settings, self.batch_size = num_samples, guidance_ws, settings, batch_size
+        self.num_samples, self.guidance_ws, self.settings, self.batch_size = (
+            num_samples,
+            guidance_ws,
+            settings,
+            batch_size,
+        )
         self.history: list[dict] = []  # every evaluation so far; checkpointed, so a resumed run keeps it
 
     def state_dict(self) -> dict:
@@ -97,21 +117,38 @@ class FIDCallback(L.Callback):
             return  # FID at the validation that ends the epoch, not those within it (trainer.val_check_interval)
         for w in self.guidance_ws:
             try:
-                scores, preview = metrics.evaluate(pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size)
-            except Interrupted:  # on every rank (metrics.evaluate agrees on it): Preemption stops the run after this validation
+                scores, preview = metrics.evaluate(
+                    pl_module, self.detector, self.reference, self.num_samples, w, self.settings, self.batch_size
+                )
+            except (
+                Interrupted
+            ):  # on every rank (metrics.evaluate agrees on it): Preemption stops the run after this validation
                 return
-            scores = {**scores, "fid_floor": self.floor["fid"], "kid_floor": self.floor["kid_mean"],
-                      "class_acc_floor": self.floor.get("class_acc"), "memorized_floor": self.floor.get("memorized")}
+            scores = {
+                **scores,
+                "fid_floor": self.floor["fid"],
+                "kid_floor": self.floor["kid_mean"],
+                "class_acc_floor": self.floor.get("class_acc"),
+                "memorized_floor": self.floor.get("memorized"),
+            }
             suffix = f"_w{w}" if len(self.guidance_ws) > 1 else ""
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "w": w, **scores})
-            for name, value in metrics.loggable(scores).items():  # the same numbers on every rank (the states are synced)
+            for name, value in metrics.loggable(
+                scores
+            ).items():  # the same numbers on every rank (the states are synced)
                 pl_module.log(f"val/{name}{suffix}", value)
             if trainer.is_global_zero:
                 grid = make_grid(preview, nrow=8, padding=2)
-                save_png(grid, Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png", "the FID preview grid")
+                save_png(
+                    grid,
+                    Path(trainer.default_root_dir) / "samples" / f"fid_epoch_{trainer.current_epoch:04d}{suffix}.png",
+                    "the FID preview grid",
+                )
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
-                        logger.log_image(f"val/fid_samples{suffix}", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
+                        logger.log_image(
+                            f"val/fid_samples{suffix}", [grid.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step
+                        )
 
 
 class EMAModel(AveragedModel):
@@ -126,9 +163,14 @@ class EMAModel(AveragedModel):
         """One EMA update; a step whose update was skipped (``model.update_skipped``, a device 0/1 set
         by DiffusionModule.skip_if_nonfinite) is no update: the EMA and its count stay as they were, with no host read."""
         if self.started is None:
-            self.started = bool(self.n_averaged > 0)  # the one host read (a resumed run's count comes from its checkpoint)
+            self.started = bool(
+                self.n_averaged > 0
+            )  # the one host read (a resumed run's count comes from its checkpoint)
         if self.use_buffers:
-            averaged, current = [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
+            averaged, current = (
+                [*self.module.parameters(), *self.module.buffers()],
+                [*model.parameters(), *model.buffers()],
+            )
         else:
             averaged, current = list(self.parameters()), list(model.parameters())
         skipped = getattr(model, "update_skipped", None)
@@ -139,7 +181,9 @@ class EMAModel(AveragedModel):
             group[1].append(c.detach().to(a.device))
         for a, c in groups.values():
             if self.started:
-                if skipped is not None:  # averaged + keep (current - averaged): the current weights, or the EMA itself after a skip
+                if (
+                    skipped is not None
+                ):  # averaged + keep (current - averaged): the current weights, or the EMA itself after a skip
                     keep = (1 - skipped).to(a[0].device, a[0].dtype)
                     c = torch._foreach_sub(c, a)
                     torch._foreach_mul_(c, keep)
@@ -185,7 +229,9 @@ class EMA(WeightAveraging):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._average_model = EMAModel(pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs)
+            self._average_model = EMAModel(
+                pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs
+            )
 
 
 class ProgressBar(RichProgressBar):
@@ -217,8 +263,15 @@ class ETA(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.started = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.fast_dev_run or not trainer.is_global_zero or self.timed >= self.count or trainer.global_step <= self.first:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if (
+            trainer.fast_dev_run
+            or not trainer.is_global_zero
+            or self.timed >= self.count
+            or trainer.global_step <= self.first
+        ):
             return
         self.seconds += time.perf_counter() - self.started
         self.timed += 1
@@ -226,11 +279,15 @@ class ETA(L.Callback):
             return
         per_step = self.seconds / self.count * trainer.accumulate_grad_batches  # an optimizer step's batches
         left_steps = max(trainer.estimated_stepping_batches - trainer.global_step, 0)
-        msg = (f"speed: {per_step:.3g} s per optimizer step; the {left_steps} steps left take about {duration(left_steps * per_step)} "
-               "(validation, sample grids and FID come on top)")
+        msg = (
+            f"speed: {per_step:.3g} s per optimizer step; the {left_steps} steps left take about {duration(left_steps * per_step)} "
+            "(validation, sample grids and FID come on top)"
+        )
         if pl_module.device.type == "cpu" and left_steps * per_step > 3600:
-            log.warning(msg + "; this is a GPU recipe: on a CPU try experiment=smoke (about a minute) or experiment=paper_cpu "
-                        "(the paper's whole experiment in about an hour: make paper ARGS=experiment=paper_cpu)")
+            log.warning(
+                msg + "; this is a GPU recipe: on a CPU try experiment=smoke (about a minute) or experiment=paper_cpu "
+                "(the paper's whole experiment in about an hour: make paper ARGS=experiment=paper_cpu)"
+            )
         else:
             log.info(msg)
 
@@ -248,7 +305,9 @@ def duration(seconds: float) -> str:
 
 def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
     """<dirpath>/last.ckpt, overwritten at the end of every epoch (atomically: files.checkpoint_io)."""
-    return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True
+    )
 
 
 class Preemption(L.Callback):
@@ -270,7 +329,9 @@ class Preemption(L.Callback):
         SIGNALS.stage = "done"
         pl_module.stop_check = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         update_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or at_epoch_end(trainer)
         if not update_done:  # within an accumulated update: its gradients so far are in no checkpoint
             return
@@ -285,12 +346,17 @@ class Preemption(L.Callback):
     def stop_if_requested(self, trainer: L.Trainer, where: str, log_this_step: bool = False) -> None:
         signum = agreed_signal(trainer)
         if signum:
-            if log_this_step:  # what Lightning does right after on_train_batch_end, which the stop skips: the step's log row
+            if (
+                log_this_step
+            ):  # what Lightning does right after on_train_batch_end, which the stop skips: the step's log row
                 trainer._logger_connector.on_batch_end()
                 trainer._logger_connector.update_train_step_metrics()
             trainer.save_checkpoint(self.last_ckpt)  # FlushLogsOnSave writes the rows first
-            raise Preempted(signum, f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
-                                    f"saved {self.last_ckpt} and stopped")
+            raise Preempted(
+                signum,
+                f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                f"saved {self.last_ckpt} and stopped",
+            )
 
 
 def agreed_signal(trainer: L.Trainer) -> int:

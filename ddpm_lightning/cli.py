@@ -9,13 +9,25 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm_lightning import schema  # importing it registers the schema with Hydra's ConfigStore, before any composition
-from ddpm_lightning import files
+from ddpm_lightning import (
+    files,
+    schema,  # importing it registers the schema with Hydra's ConfigStore, before any composition
+)
 from ddpm_lightning.errors import ConfigError
 
 SAMPLING_TIME = ("guidance.w", "sampler")  # and sampler.*: settings that change sampling, not the trained model
-SETTING_WORDS = ("trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.precision", "trainer.max_time",
-                 "trainer.limit_val_batches", "data.root", "metrics.inception_weights", "metrics.cache_dir", "ckpt")
+SETTING_WORDS = (
+    "trainer.devices",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.precision",
+    "trainer.max_time",
+    "trainer.limit_val_batches",
+    "data.root",
+    "metrics.inception_weights",
+    "metrics.cache_dir",
+    "ckpt",
+)
 
 
 def exit_on_config_error(fn):
@@ -67,11 +79,18 @@ def sweep_overrides(argv: list[str], multirun: bool) -> tuple[list[list[str]], l
     parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override())]
     keys = [o.get_key_element() for o in parsed if multirun and o.is_sweep_override()]
-    swept = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed if multirun and o.is_sweep_override()]
+    swept = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        for o in parsed
+        if multirun and o.is_sweep_override()
+    ]
     if math.prod(len(values) for values in swept) <= 64:
         return [fixed + list(combo) for combo in itertools.product(*swept)], keys
-    return [fixed + [values[0] for values in swept[:i]] + [v] + [values[0] for values in swept[i + 1:]]
-            for i, values in enumerate(swept) for v in values], keys
+    return [
+        fixed + [values[0] for values in swept[:i]] + [v] + [values[0] for values in swept[i + 1 :]]
+        for i, values in enumerate(swept)
+        for v in values
+    ], keys
 
 
 @exit_on_config_error
@@ -101,12 +120,17 @@ def preflight(config_name: str, argv: list[str]) -> None:
     except ConfigError:
         raise
     except Exception as e:  # Hydra's composition and parse errors
-        raise ConfigError(f"{one_line(e)} (python {Path(sys.argv[0]).name} --help lists every setting with its type)") from None
+        raise ConfigError(
+            f"{one_line(e)} (python {Path(sys.argv[0]).name} --help lists every setting with its type)"
+        ) from None
     sampling_time = [k for k in swept if k in SAMPLING_TIME or k.startswith("sampler.")]
     if config_name == "config" and multirun and sampling_time:
-        print(f"warning: this sweep trains one model per value of {', '.join(sampling_time)}, which only changes how "
-              "samples are drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model "
-              "with evaluate.py -m ckpt=PATH guidance.w=0,1,2,4", file=sys.stderr)
+        print(
+            f"warning: this sweep trains one model per value of {', '.join(sampling_time)}, which only changes how "
+            "samples are drawn: train once with guidance.w=[0,1,2,4] (every w evaluated side by side), or sweep a trained model "
+            "with evaluate.py -m ckpt=PATH guidance.w=0,1,2,4",
+            file=sys.stderr,
+        )
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
         files.writable_dir(out)  # the default dirs are made by Hydra itself
 
@@ -120,28 +144,42 @@ def check_launcher(cfg, multirun: bool, swept: list[str]) -> None:
     submitit = target.endswith(("SlurmLauncher", "LocalLauncher"))
     choice = "slurm" if target.endswith("SlurmLauncher") else "local"
     if submitit and not multirun:
-        raise ConfigError(f"hydra/launcher={cfg.hydra.runtime.choices.get('hydra/launcher', choice)} takes effect with -m "
-                          "(every job of the sweep is submitted); add -m")
+        raise ConfigError(
+            f"hydra/launcher={cfg.hydra.runtime.choices.get('hydra/launcher', choice)} takes effect with -m "
+            "(every job of the sweep is submitted); add -m"
+        )
     if submitit:
         if t.devices == "auto":
-            raise ConfigError(f"hydra/launcher={choice} starts one task per device: set trainer.devices to a number (e.g. 4), not auto")
+            raise ConfigError(
+                f"hydra/launcher={choice} starts one task per device: set trainer.devices to a number (e.g. 4), not auto"
+            )
         for key in ("trainer.devices", "trainer.num_nodes"):
             if key in swept:
-                raise ConfigError(f"{key} is swept, but hydra/launcher={choice} asks for one size of job for the whole sweep; "
-                                  f"run one sweep per {key}")
+                raise ConfigError(
+                    f"{key} is swept, but hydra/launcher={choice} asks for one size of job for the whole sweep; "
+                    f"run one sweep per {key}"
+                )
         if launcher.tasks_per_node != t.devices:
-            raise ConfigError(f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} but trainer.devices={t.devices}: Lightning needs one "
-                              f"task per device; drop hydra.launcher.tasks_per_node (it follows trainer.devices)")
+            raise ConfigError(
+                f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} but trainer.devices={t.devices}: Lightning needs one "
+                f"task per device; drop hydra.launcher.tasks_per_node (it follows trainer.devices)"
+            )
         if choice == "slurm" and launcher.nodes != t.num_nodes:
-            raise ConfigError(f"hydra.launcher.nodes={launcher.nodes} but trainer.num_nodes={t.num_nodes}; drop hydra.launcher.nodes "
-                              "(it follows trainer.num_nodes)")
+            raise ConfigError(
+                f"hydra.launcher.nodes={launcher.nodes} but trainer.num_nodes={t.num_nodes}; drop hydra.launcher.nodes "
+                "(it follows trainer.num_nodes)"
+            )
         if choice == "local" and t.num_nodes != 1:
-            raise ConfigError(f"trainer.num_nodes={t.num_nodes} with hydra/launcher=local, which runs on this machine; use "
-                              "hydra/launcher=slurm for several nodes")
+            raise ConfigError(
+                f"trainer.num_nodes={t.num_nodes} with hydra/launcher=local, which runs on this machine; use "
+                "hydra/launcher=slurm for several nodes"
+            )
     elif multirun and str(t.strategy).startswith("ddp") and (t.num_nodes > 1 or processes_per_node(t) > 1):
-        raise ConfigError(f"train.py -m with trainer.strategy={t.strategy} and {processes_per_node(t)} devices: Lightning would relaunch "
-                          "the whole sweep in every rank; run the sweep with hydra/launcher=local (this machine, one process per "
-                          "device) or hydra/launcher=slurm, or drop -m")
+        raise ConfigError(
+            f"train.py -m with trainer.strategy={t.strategy} and {processes_per_node(t)} devices: Lightning would relaunch "
+            "the whole sweep in every rank; run the sweep with hydra/launcher=local (this machine, one process per "
+            "device) or hydra/launcher=slurm, or drop -m"
+        )
 
 
 def processes_per_node(t) -> int:
@@ -181,13 +219,21 @@ def startup(what: str, applies=lambda: True, cfg=None):
         text = " ".join(str(e).split())[:300] or type(e).__name__
         named = [k for k in SETTING_WORDS if k.split(".")[-1] in text]
         if cfg is not None:  # a setting whose value (a path, a name) the message quotes
-            named += [k for k, v in flat_settings(cfg).items() if isinstance(v, str) and len(v) > 2 and v in text and k not in named]
+            named += [
+                k
+                for k, v in flat_settings(cfg).items()
+                if isinstance(v, str) and len(v) > 2 and v in text and k not in named
+            ]
         hint = f" (check {', '.join(named)})" if named else ""
-        raise ConfigError(f"{what} failed: {type(e).__name__}: {text}{hint}; HYDRA_FULL_ERROR=1 shows the traceback") from None
+        raise ConfigError(
+            f"{what} failed: {type(e).__name__}: {text}{hint}; HYDRA_FULL_ERROR=1 shows the traceback"
+        ) from None
 
 
 def main_entry(main, config_name: str) -> None:
-    logging.raiseExceptions = False  # a log handler's failed write (a full disk) is not a traceback; the run's own error says it
+    logging.raiseExceptions = (
+        False  # a log handler's failed write (a full disk) is not a traceback; the run's own error says it
+    )
     preflight(config_name, sys.argv[1:])
     rank = os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else os.environ.get("RANK")
     if rank not in (None, "0") and not any(a in ("-m", "--multirun") for a in sys.argv):

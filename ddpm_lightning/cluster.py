@@ -77,7 +77,11 @@ class Signals:
         """submitit's checkpoint-and-requeue handler, when submitit runs this job."""
         for handler in self.previous.values():
             owner = getattr(handler, "__self__", None)
-            if owner is not None and type(owner).__module__.startswith("submitit") and hasattr(owner, "checkpoint_and_try_requeue"):
+            if (
+                owner is not None
+                and type(owner).__module__.startswith("submitit")
+                and hasattr(owner, "checkpoint_and_try_requeue")
+            ):
                 return owner.checkpoint_and_try_requeue
         return None
 
@@ -141,18 +145,26 @@ def check_tasks(devices, num_nodes: int) -> None:
     """Lightning needs one task per device on every node: srun's (or submitit's) counts against trainer.devices and
     trainer.num_nodes, said in one line."""
     if slurm_tasks():
-        per_node, nodes, where = os.environ.get("SLURM_NTASKS_PER_NODE", "1"), os.environ.get("SLURM_NNODES", "1"), "SLURM"
+        per_node, nodes, where = (
+            os.environ.get("SLURM_NTASKS_PER_NODE", "1"),
+            os.environ.get("SLURM_NNODES", "1"),
+            "SLURM",
+        )
     elif os.environ.get("SUBMITIT_EXECUTOR") == "local":
         per_node, nodes, where = os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"), "1", "submitit's local executor"
     else:
         return
     per_node = per_node.split("(")[0]  # SLURM writes "2(x3)" for 2 tasks on each of 3 nodes
     if str(devices) != per_node:
-        raise ConfigError(f"{where} runs {per_node} tasks per node but trainer.devices={devices}: Lightning needs one task per device; "
-                          f"set trainer.devices={per_node}, or ask for {devices} tasks per node (--ntasks-per-node, hydra.launcher.tasks_per_node)")
+        raise ConfigError(
+            f"{where} runs {per_node} tasks per node but trainer.devices={devices}: Lightning needs one task per device; "
+            f"set trainer.devices={per_node}, or ask for {devices} tasks per node (--ntasks-per-node, hydra.launcher.tasks_per_node)"
+        )
     if str(num_nodes) != nodes:
-        raise ConfigError(f"{where} gives {nodes} nodes but trainer.num_nodes={num_nodes}; set trainer.num_nodes={nodes}, "
-                          f"or ask for {num_nodes} nodes (--nodes, hydra.launcher.nodes)")
+        raise ConfigError(
+            f"{where} gives {nodes} nodes but trainer.num_nodes={num_nodes}; set trainer.num_nodes={nodes}, "
+            f"or ask for {num_nodes} nodes (--nodes, hydra.launcher.nodes)"
+        )
 
 
 def trainer_environment(cfg) -> dict:
@@ -169,14 +181,26 @@ def trainer_environment(cfg) -> dict:
     elif os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", 1)) > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # Lightning's LightningEnvironment reads these
+        TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False
+        )  # Lightning's LightningEnvironment reads these
     if t.strategy == "ddp":
         args["strategy"] = DDPStrategy(timeout=timedelta(seconds=t.process_group_timeout))
     return args
 
 
-LOST_WORDS = ("timed out", "timeout", "connection reset", "connection closed", "connection refused", "closed by peer", "pair closure",
-              "socket", "gloo", "nccl")
+LOST_WORDS = (
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "closed by peer",
+    "pair closure",
+    "socket",
+    "gloo",
+    "nccl",
+)
 
 
 def lost_peer(e: BaseException) -> bool:
@@ -202,9 +226,12 @@ def lost_ranks(trainer, run_dir):
         text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split()))  # without the C++ source path
         if trainer.world_size == 1 or not lost_peer(e):
             raise
-        print(f"error: rank {trainer.global_rank} of {trainer.world_size} lost the others at step {trainer.global_step} "
-              f"({type(e).__name__}: {text[:160]}); a rank died or hung. {run_dir / 'checkpoints' / 'last.ckpt'} is the last whole "
-              f"checkpoint: rerun the same command to resume", file=sys.stderr)
+        print(
+            f"error: rank {trainer.global_rank} of {trainer.world_size} lost the others at step {trainer.global_step} "
+            f"({type(e).__name__}: {text[:160]}); a rank died or hung. {run_dir / 'checkpoints' / 'last.ckpt'} is the last whole "
+            f"checkpoint: rerun the same command to resume",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
@@ -212,7 +239,13 @@ def launcher_environment():
     """Lightning's environment for the ranks that srun or torchrun started (evaluate.py), or None for one process."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    env = SLURMEnvironment() if SLURMEnvironment.detect() else TorchElasticEnvironment() if TorchElasticEnvironment.detect() else None
+    env = (
+        SLURMEnvironment()
+        if SLURMEnvironment.detect()
+        else TorchElasticEnvironment()
+        if TorchElasticEnvironment.detect()
+        else None
+    )
     return env if env is not None and env.world_size() > 1 else None
 
 
@@ -234,6 +267,11 @@ def start_ranks(device: str, timeout_s: int = 300) -> tuple[int, int]:
     env = launcher_environment()
     if env is None:
         return 0, 1
-    dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo", init_method=f"tcp://{env.main_address}:{env.main_port}",
-                            rank=env.global_rank(), world_size=env.world_size(), timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "nccl" if str(device).startswith("cuda") else "gloo",
+        init_method=f"tcp://{env.main_address}:{env.main_port}",
+        rank=env.global_rank(),
+        world_size=env.world_size(),
+        timeout=timedelta(seconds=timeout_s),
+    )
     return env.global_rank(), env.world_size()

@@ -20,7 +20,12 @@ SPLIT_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10's batches are pickles of numpy arrays and lists: refuse any other global."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -33,9 +38,13 @@ def _load_batch(path: Path) -> dict:
         with open(path, "rb") as f:
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise ConfigError(f"CIFAR-10 file {path} is missing; restore it or delete {path.parent} so it is downloaded again") from None
+        raise ConfigError(
+            f"CIFAR-10 file {path} is missing; restore it or delete {path.parent} so it is downloaded again"
+        ) from None
     except Exception as e:  # truncated, corrupt or not a CIFAR pickle at all
-        raise ConfigError(f"cannot read CIFAR-10 file {path} ({type(e).__name__}: {e}); replace it, or delete {path.parent} so it is downloaded again") from None
+        raise ConfigError(
+            f"cannot read CIFAR-10 file {path} ({type(e).__name__}: {e}); replace it, or delete {path.parent} so it is downloaded again"
+        ) from None
 
 
 def ensure_cifar10(root: str | Path, download: bool = True, url: str = CIFAR10_URL) -> Path:
@@ -54,7 +63,9 @@ def ensure_cifar10(root: str | Path, download: bool = True, url: str = CIFAR10_U
     try:
         download_and_extract_archive(url, download_root=str(root), md5=CIFAR10_MD5)
     except Exception as e:  # no network, refused connection, bad checksum
-        raise ConfigError(f"CIFAR-10 not found at {folder} and its download failed ({type(e).__name__}: {e}); {hint}") from None
+        raise ConfigError(
+            f"CIFAR-10 not found at {folder} and its download failed ({type(e).__name__}: {e}); {hint}"
+        ) from None
     if not folder.is_dir():
         raise ConfigError(f"the archive from {url} did not contain {FOLDER}/; {hint}")
     return folder
@@ -64,7 +75,9 @@ def class_indices(classes: list[str]) -> list[int]:
     """CIFAR-10 label numbers of the named classes, in the listed order."""
     unknown = [c for c in classes if c not in CIFAR10_CLASSES]
     if unknown or not classes:
-        raise ConfigError(f"data.classes has unknown class names {unknown or classes}; choose from {', '.join(CIFAR10_CLASSES)}")
+        raise ConfigError(
+            f"data.classes has unknown class names {unknown or classes}; choose from {', '.join(CIFAR10_CLASSES)}"
+        )
     if len(set(classes)) != len(classes):
         raise ConfigError(f"data.classes lists a class twice ({list(classes)}); list each class once")
     return [CIFAR10_CLASSES.index(c) for c in classes]
@@ -76,7 +89,9 @@ def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Ten
     meta = _load_batch(folder / "batches.meta")
     names = list(meta.get("label_names", []))
     if names[: len(CIFAR10_CLASSES)] != list(CIFAR10_CLASSES):
-        raise ConfigError(f"{folder / 'batches.meta'} lists classes {names}, not CIFAR-10's; point data.root at a CIFAR-10 copy")
+        raise ConfigError(
+            f"{folder / 'batches.meta'} lists classes {names}, not CIFAR-10's; point data.root at a CIFAR-10 copy"
+        )
     remap = np.full(len(CIFAR10_CLASSES), -1, dtype=np.int64)
     remap[wanted] = np.arange(len(wanted))
     images, labels = [], []
@@ -86,7 +101,9 @@ def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Ten
             data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = remap[np.asarray(batch["labels"], dtype=np.int64)]
         except (KeyError, ValueError, IndexError) as e:
-            raise ConfigError(f"CIFAR-10 file {folder / name} is malformed ({e}); replace it or delete {folder} to download again") from None
+            raise ConfigError(
+                f"CIFAR-10 file {folder / name} is malformed ({e}); replace it or delete {folder} to download again"
+            ) from None
         keep = y >= 0
         images.append(data[keep])
         labels.append(y[keep])
@@ -172,8 +189,17 @@ class ResumableLoader(DataLoader):
 class CIFARDataModule(L.LightningDataModule):
     """A CIFAR-10 class subset: train split for training, test split for the validation loss."""
 
-    def __init__(self, root: str, classes: list[str], batch_size: int = 64, flip: bool = True, download: bool = True,
-                 url: str = CIFAR10_URL, max_images: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        classes: list[str],
+        batch_size: int = 64,
+        flip: bool = True,
+        download: bool = True,
+        url: str = CIFAR10_URL,
+        max_images: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         class_indices(list(classes))
         if batch_size < 1:
@@ -197,11 +223,19 @@ class CIFARDataModule(L.LightningDataModule):
         self.train_images, self.train_labels = load_subset(folder, self.classes, "train")
         self.test_images, self.test_labels = load_subset(folder, self.classes, "test")
         if self.max_images is not None:
-            self.train_images, self.train_labels = self.train_images[: self.max_images], self.train_labels[: self.max_images]
-            self.test_images, self.test_labels = self.test_images[: self.max_images], self.test_labels[: self.max_images]
+            self.train_images, self.train_labels = (
+                self.train_images[: self.max_images],
+                self.train_labels[: self.max_images],
+            )
+            self.test_images, self.test_labels = (
+                self.test_images[: self.max_images],
+                self.test_labels[: self.max_images],
+            )
         n = len(self.train_labels)
         if self.batch_size > n:
-            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {n} training images of {self.classes}; lower data.batch_size")
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {n} training images of {self.classes}; lower data.batch_size"
+            )
 
     def _rank_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -214,8 +248,11 @@ class CIFARDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = EpochBatchSampler(len(self.train_labels), self.batch_size, self.seed, rank, world)
-        return ResumableLoader(self._resident(self.train_images, self.train_labels), sampler,
-                               batches_done=lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return ResumableLoader(
+            self._resident(self.train_images, self.train_labels),
+            sampler,
+            batches_done=lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        )
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()  # every rank its own contiguous share, whole batches in order
@@ -229,7 +266,9 @@ class CIFARDataModule(L.LightningDataModule):
         x = to_unit_range(x)
         trainer = self.trainer
         if self.flip and trainer is not None and trainer.training:
-            micro = (trainer.fit_loop.epoch_loop.batch_idx + 1) % trainer.accumulate_grad_batches  # this batch's, before ready
+            micro = (
+                trainer.fit_loop.epoch_loop.batch_idx + 1
+            ) % trainer.accumulate_grad_batches  # this batch's, before ready
             seed = step_seed(self.seed, trainer.global_step, trainer.global_rank, stream=1, micro=micro)
             g = torch.Generator(x.device).manual_seed(seed)
             x = random_hflip(x, generator=g)

@@ -16,25 +16,60 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 from torchvision.utils import make_grid
 
-from ddpm_lightning import cluster, metrics
+from ddpm_lightning import cluster, files, metrics
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
-from ddpm_lightning import files
 from ddpm_lightning.files import save_figure, save_png, write_csv, write_json, write_text
 from ddpm_lightning.module import load_checkpoint
 
 log = logging.getLogger(__name__)
-FIELDS = ["model", "classes", "sampler", "steps", "w", "num_samples", "seed", "fid", "fid_ci95", "kid_mean", "kid_std", "kid_ci95",
-          "fid_floor", "kid_floor", "is_mean", "is_std", "precision", "recall", "class_acc", "class_acc_ci95", "class_acc_floor",
-          "memorized", "memorized_ci95", "memorized_floor", "nn_ratio_median", "seconds", "ckpt"]
+FIELDS = [
+    "model",
+    "classes",
+    "sampler",
+    "steps",
+    "w",
+    "num_samples",
+    "seed",
+    "fid",
+    "fid_ci95",
+    "kid_mean",
+    "kid_std",
+    "kid_ci95",
+    "fid_floor",
+    "kid_floor",
+    "is_mean",
+    "is_std",
+    "precision",
+    "recall",
+    "class_acc",
+    "class_acc_ci95",
+    "class_acc_floor",
+    "memorized",
+    "memorized_ci95",
+    "memorized_floor",
+    "nn_ratio_median",
+    "seconds",
+    "ckpt",
+]
 
 
 def job_key(cfg: DictConfig) -> dict:
     """What an evaluation's result depends on: the checkpoint file (path, size, time) and the settings."""
     stat = Path(cfg.ckpt).stat()
-    return {"ckpt": str(cfg.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns, "real": cfg.real,
-            "w": cfg.guidance.w, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None,
-            "metrics": {k: v for k, v in OmegaConf.to_container(cfg.metrics, resolve=True).items() if k not in ("cache_dir", "batch_size")}}
+    return {
+        "ckpt": str(cfg.ckpt),
+        "ckpt_size": stat.st_size,
+        "ckpt_mtime_ns": stat.st_mtime_ns,
+        "real": cfg.real,
+        "w": cfg.guidance.w,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None,
+        "metrics": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.metrics, resolve=True).items()
+            if k not in ("cache_dir", "batch_size")
+        },
+    }
 
 
 def run(cfg: DictConfig) -> None:
@@ -49,31 +84,58 @@ def run(cfg: DictConfig) -> None:
     module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
     hp = module.hparams
     if not hp.conditional and cfg.guidance.w not in (None, 0):
-        raise ConfigError(f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w")
+        raise ConfigError(
+            f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w"
+        )
     run_dir = files.writable_dir(HydraConfig.get().runtime.output_dir)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
     w = (hp.guidance["w"] if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
-    splits = {split: load_subset(folder, hp.class_names, split) for split in {"train", "test", m.reference_split}}  # each read once
+    splits = {
+        split: load_subset(folder, hp.class_names, split) for split in {"train", "test", m.reference_split}
+    }  # each read once
     train_images = splits["train"][0][: cfg.data.max_images]  # what the model trained on
     reference_images, reference_labels = splits[m.reference_split]
-    detector, reference = metrics.detector_and_reference(m.inception_weights, hp.class_names, reference_images, m.reference_split,
-                                                         m.reference_images, m.cache_dir, m.batch_size, module.device,
-                                                         labels=reference_labels, train_images=train_images)
+    detector, reference = metrics.detector_and_reference(
+        m.inception_weights,
+        hp.class_names,
+        reference_images,
+        m.reference_split,
+        m.reference_images,
+        m.cache_dir,
+        m.batch_size,
+        module.device,
+        labels=reference_labels,
+        train_images=train_images,
+    )
 
     settings = metrics.settings_of(m)
     test_images, test_labels = splits["test"]
     start = time.perf_counter()
-    floor = metrics.floor(detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels)
+    floor = metrics.floor(
+        detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels
+    )
     if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
         scores, sampler, preview = floor, {"name": "real test images"}, None
     else:
         rank, world = cluster.start_ranks(module.device)  # under srun or torchrun: the images split over the ranks
         try:
             with Progress(disable=rank > 0) as bar:
-                task = bar.add_task(f"{m.num_samples} samples, {sampler['name']}" + (f", {world} ranks" if world > 1 else ""), total=m.num_samples)
-                scores, preview = metrics.evaluate(module, detector, reference, m.num_samples, w, settings, m.batch_size, sampler,
-                                                   progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples))
+                task = bar.add_task(
+                    f"{m.num_samples} samples, {sampler['name']}" + (f", {world} ranks" if world > 1 else ""),
+                    total=m.num_samples,
+                )
+                scores, preview = metrics.evaluate(
+                    module,
+                    detector,
+                    reference,
+                    m.num_samples,
+                    w,
+                    settings,
+                    m.batch_size,
+                    sampler,
+                    progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples),
+                )
         finally:
             if world > 1:
                 torch.distributed.destroy_process_group()
@@ -81,11 +143,23 @@ def run(cfg: DictConfig) -> None:
             return
     num_samples = floor["num_samples"] if cfg.real else m.num_samples
     scores = {k: v for k, v in scores.items() if k != "num_samples"}
-    results = dict(model="improved" if hp.conditional else "simple", classes=list(hp.class_names), sampler=sampler["name"],
-                   steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None), w=None if cfg.real else w,
-                   num_samples=num_samples, seed=None if cfg.real else m.seed, **scores, fid_floor=floor["fid"],
-                   kid_floor=floor["kid_mean"], class_acc_floor=floor.get("class_acc"), memorized_floor=floor.get("memorized"),
-                   seconds=round(time.perf_counter() - start, 2), ckpt=str(cfg.ckpt), key=job_key(cfg))
+    results = dict(
+        model="improved" if hp.conditional else "simple",
+        classes=list(hp.class_names),
+        sampler=sampler["name"],
+        steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None),
+        w=None if cfg.real else w,
+        num_samples=num_samples,
+        seed=None if cfg.real else m.seed,
+        **scores,
+        fid_floor=floor["fid"],
+        kid_floor=floor["kid_mean"],
+        class_acc_floor=floor.get("class_acc"),
+        memorized_floor=floor.get("memorized"),
+        seconds=round(time.perf_counter() - start, 2),
+        ckpt=str(cfg.ckpt),
+        key=job_key(cfg),
+    )
     if preview is not None and len(preview):
         save_png(nearest_grid(preview, train_images), run_dir / "nearest.png", "the nearest-training-image grid")
     write_json(run_dir / "results.json", results, "the evaluation results")
@@ -113,18 +187,24 @@ def ci(r: dict, name: str, scale: float = 1.0) -> str:
 
 def describe(r: dict) -> str:
     """One line of an evaluation's numbers: FID and KID with their 95% intervals, the floor, IS, precision/recall."""
-    text = (f"FID {r['fid']:.2f}{ci(r, 'fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci(r, 'kid', 1e3)} "
-            f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})")
+    text = (
+        f"FID {r['fid']:.2f}{ci(r, 'fid')}, KID x1e3 {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}{ci(r, 'kid', 1e3)} "
+        f"(N={r['num_samples']}; real-data floor FID {r['fid_floor']:.2f}, KID x1e3 {r['kid_floor'] * 1e3:.2f})"
+    )
     if r.get("precision") is not None:
         text += f", precision {r['precision']:.3f}, recall {r['recall']:.3f}"
     if r.get("class_acc") is not None:
         text += f", class agreement {r['class_acc']:.3f}{ci(r, 'class_acc')} (real {r['class_acc_floor']:.3f})"
     if r.get("memorized") is not None:
         text += f", memorized {r['memorized']:.3f}{ci(r, 'memorized')} (real {r['memorized_floor']:.3f})"
-    return text + (f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}")
+    return text + (
+        f", IS {r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else f"; {r['is_unavailable']}"
+    )
 
 
-def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None) -> None:
+def log_to_wandb(
+    cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None
+) -> None:
     """One W&B run per evaluation, job_type eval, with guidance_w and the trained run's name (train_run) in its config,
     so that sweeps plot against w; the scores in its summary; the first samples as a table of image, class and w."""
     if cfg.logger.wandb is None:
@@ -141,13 +221,21 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, results: dict, images=None, cla
     train_run = Path(cfg.ckpt).resolve().parents[1].name
     config = {**OmegaConf.to_container(cfg, resolve=True), "guidance_w": results["w"], "train_run": train_run}
     name = w.name or (f"{Path(hc.sweep.dir).name}/{run_dir.name}" if multirun else run_dir.name)
-    run = wandb.init(project=w.project, entity=w.entity, group=group, name=name, dir=str(run_dir),
-                     mode="online" if w.online else "offline", config=config, job_type="eval")
+    run = wandb.init(
+        project=w.project,
+        entity=w.entity,
+        group=group,
+        name=name,
+        dir=str(run_dir),
+        mode="online" if w.online else "offline",
+        config=config,
+        job_type="eval",
+    )
     run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
     if images is not None:
         labels = even_labels(len(images), len(class_names)).tolist() if class_names else [None] * len(images)
         table = wandb.Table(columns=["image", "class", "w"])
-        for image, label in zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels):
+        for image, label in zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels, strict=False):
             table.add_data(wandb.Image(image), class_names[label] if class_names else "unconditional", results["w"])
         run.log({"samples": table})
     run.finish()
@@ -159,7 +247,10 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"]))
+        rows = sorted(
+            (json.loads(p.read_text()) for p in sweep.glob("*/results.json")),
+            key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"]),
+        )
         if not rows:
             return
         write_csv(sweep / "summary.csv", rows, FIELDS, "the sweep summary")
@@ -180,8 +271,10 @@ def summary_table(rows: list[dict]) -> str:
     lines = [head, "|" + " --- |" * head.count(" |")]
     for r in rows:
         is_text = f"{r['is_mean']:.3f} ± {r['is_std']:.3f}" if r["is_mean"] is not None else "unavailable"
-        line = (f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.2f}{ci(r, 'fid')} | "
-                f"{r['kid_mean'] * 1e3:.2f}{ci(r, 'kid', 1e3)} | {r['fid_floor']:.2f} / {r['kid_floor'] * 1e3:.2f} | {is_text} |")
+        line = (
+            f"| {r['w']} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid']:.2f}{ci(r, 'fid')} | "
+            f"{r['kid_mean'] * 1e3:.2f}{ci(r, 'kid', 1e3)} | {r['fid_floor']:.2f} / {r['kid_floor'] * 1e3:.2f} | {is_text} |"
+        )
         if prc:
             line += f" {r['precision']:.3f} | {r['recall']:.3f} |" if r.get("precision") is not None else " | |"
         for key in ("class_acc",) * acc + ("memorized",) * mem:
@@ -206,11 +299,14 @@ def plot_against_w(rows: list[dict], path: Path) -> None:
     if all(r.get("class_acc") is not None for r in rows):
         panels.append(("class_acc", "class agreement (linear probe)", 1.0))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (key, label, scale) in zip(axes[0], panels):
+    for ax, (key, label, scale) in zip(axes[0], panels, strict=False):
         values = [r[key] * scale for r in rows]
         ci_key = {"fid": "fid_ci95", "kid_mean": "kid_ci95", "class_acc": "class_acc_ci95"}.get(key)
         if ci_key and all(r.get(ci_key) for r in rows):
-            errors = [[v - r[ci_key][0] * scale for v, r in zip(values, rows)], [r[ci_key][1] * scale - v for v, r in zip(values, rows)]]
+            errors = [
+                [v - r[ci_key][0] * scale for v, r in zip(values, rows, strict=False)],
+                [r[ci_key][1] * scale - v for v, r in zip(values, rows, strict=False)],
+            ]
             ax.errorbar(ws, values, yerr=errors, fmt="o-", capsize=3, label="95% bootstrap interval")
         elif key == "is_mean":
             ax.errorbar(ws, values, yerr=[r["is_std"] for r in rows], fmt="o-", capsize=3, label="± sd over 10 splits")
@@ -220,7 +316,12 @@ def plot_against_w(rows: list[dict], path: Path) -> None:
             ax.plot(ws, [r["recall"] for r in rows], "s--", label="recall")
         floor_key = {"fid": "fid_floor", "kid_mean": "kid_floor", "class_acc": "class_acc_floor"}.get(key)
         if floor_key and rows[0].get(floor_key) is not None:
-            ax.axhline(rows[0][floor_key] * scale, color="0.4", ls=":", label=f"real test images (floor, N={rows[0]['num_samples']})")
+            ax.axhline(
+                rows[0][floor_key] * scale,
+                color="0.4",
+                ls=":",
+                label=f"real test images (floor, N={rows[0]['num_samples']})",
+            )
         ax.set(xlabel="guidance weight w", ylabel=label, title=f"{label} for different guidance levels")
         ax.legend(fontsize=7)
     fig.tight_layout()

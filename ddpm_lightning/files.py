@@ -43,16 +43,25 @@ def _fsync_dir(directory: Path) -> None:
 def no_room(e: OSError, path: Path, what: str, size: int | None, ours: bool = True) -> DiskFull:
     """The one-line error of a write that found no room at ``path`` (``ours``: written by atomic_write, so the old
     file is intact; else a library's write, such as the CSV log, which may be cut short)."""
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the filesystem is read-only"}[e.errno]
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the filesystem is read-only",
+    }[e.errno]
     try:
         free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
     except OSError:
         free = "free space unknown"
     need = f"it needs {size / 1e6:.1f} MB, {free}" if size is not None else free
-    kept = ("nothing was lost (the previous file, if any, is intact)" if ours else
-            "the last checkpoint is intact (a library's own file, such as the CSV log, may be cut short)")
-    return DiskFull(f"cannot write {what} to {path}: {reason} ({need}); {kept}: free space or point the output elsewhere, then "
-                    "rerun (a training resumes from its last.ckpt)")
+    kept = (
+        "nothing was lost (the previous file, if any, is intact)"
+        if ours
+        else "the last checkpoint is intact (a library's own file, such as the CSV log, may be cut short)"
+    )
+    return DiskFull(
+        f"cannot write {what} to {path}: {reason} ({need}); {kept}: free space or point the output elsewhere, then "
+        "rerun (a training resumes from its last.ckpt)"
+    )
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BytesIO], None], what: str = "a file") -> None:
@@ -138,7 +147,9 @@ def load_or_none(path: Path, load: Callable[[Path], object], what: str):
     try:
         return load(path)
     except Exception as e:
-        log.warning(f"{what} {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]}); recomputing it")
+        log.warning(
+            f"{what} {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]}); recomputing it"
+        )
         path.unlink(missing_ok=True)
         return None
 
@@ -151,10 +162,10 @@ def checkpoint_io():
     previous checkpoint: a kill during it leaves a 0-byte last.ckpt (Lightning-AI/pytorch-lightning#21253). This
     class can go once Lightning's fix (#21744) has landed in the lightning versions pyproject.toml admits. Remote
     URLs (s3://, gs://, ...) keep Lightning's path."""
+    import torch
+    from fsspec.implementations.local import LocalFileSystem
     from lightning.fabric.utilities.cloud_io import get_filesystem
     from lightning.pytorch.plugins.io import TorchCheckpointIO
-    from fsspec.implementations.local import LocalFileSystem
-    import torch
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
@@ -202,6 +213,8 @@ def writable_dir(path: str | Path) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)") from None
+        raise ConfigError(
+            f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)"
+        ) from None
     remove_leftovers(path)  # temp files of a run killed while writing here
     return path

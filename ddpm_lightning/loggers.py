@@ -67,8 +67,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_step: int | None) -> l
         w = cfg.logger.wandb
         os.environ.setdefault("WANDB_SILENT", "true")
         wandb_logger = WandbLogger(
-            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name, save_dir=str(run_dir), job_type="train",
-            offline=not w.online, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_run_id(run_dir), resume="allow",
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            name=w.name or run_dir.name,
+            save_dir=str(run_dir),
+            job_type="train",
+            offline=not w.online,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            id=wandb_run_id(run_dir),
+            resume="allow",
         )
         if cluster.global_rank() == 0:  # the experiment is made here, before Lightning knows the rank: rank 0 alone
             define_wandb_metrics(wandb_logger.experiment)

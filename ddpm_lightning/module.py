@@ -27,17 +27,18 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(self, net: dict, schedule: dict, guidance: dict, recipe: dict, speed: dict, sampler: dict,
                  class_names: list[str], conditional: bool, lr: float, seed: int = 0, image_size: int = 32,
-                 max_nonfinite: int = 10, nonfinite_check_every: int = 10):
+                 max_nonfinite: int = 10, nonfinite_check_every: int = 10):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         num_classes = len(class_names) if conditional else None
         self.net = UNet(**net, num_classes=num_classes, image_size=image_size, dropout=recipe["dropout"])
         self.schedule: Schedule = build_schedule(**schedule)
         self.fast = FastNet(self.net, **speed)
-        self.loss = DiffusionLoss(self.schedule, recipe["loss_weighting"], recipe["snr_gamma"], guidance["p_uncond"],
-                                  self.net.null_class, self.fast.memory_format)
-        self.paper_loss = DiffusionLoss(self.schedule, "none", 5.0, guidance["p_uncond"], self.net.null_class,
-                                        self.fast.memory_format)
+        common = dict(
+            p_uncond=guidance["p_uncond"], null_class=self.net.null_class, memory_format=self.fast.memory_format
+        )
+        self.loss = DiffusionLoss(self.schedule, recipe["loss_weighting"], recipe["snr_gamma"], **common)
+        self.paper_loss = DiffusionLoss(self.schedule, **common)  # validation: the paper's loss, whatever the recipe
         self.update_skipped: torch.Tensor | None = None
         self.stop_check = None
         self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
@@ -63,8 +64,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         micro = batch_idx % self.trainer.accumulate_grad_batches  # the batch's place in an accumulated update
         seed = step_seed(self.hparams.seed, self.global_step, self.global_rank, micro=micro)
-        if self.hparams.recipe["dropout"]:
-            torch.manual_seed(seed)  # dropout draws from the global generator: per step, so a resumed run drops the same units
+        if self.hparams.recipe["dropout"]:  # dropout draws from the global generator: seeded per step for resume
+            torch.manual_seed(seed)
         x0, y = batch
         loss = self.loss(self.fast.train, x0, self.labels(y), torch.Generator(self.device).manual_seed(seed))
         self.skip_if_nonfinite(loss, micro)
@@ -107,45 +108,65 @@ class DiffusionModule(L.LightningModule):
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step} (epoch {self.current_epoch}): the loss was not finite for "
                 f"{int(self.nonfinite_run.item())} consecutive steps (updates skipped: weights, optimizer and EMA are the "
-                "last good ones, as is the last checkpoint); lower model.lr or check the data, then resume with ckpt_path=last")
+                "last good ones, as is the last checkpoint); lower model.lr or check the data, then resume with ckpt_path=last"
+            )
 
     def validation_step(self, batch, batch_idx):
         """The paper's loss (unweighted, whatever the recipe), with noise fixed per batch so epochs and recipes compare."""
         g = torch.Generator(self.device).manual_seed(batch_idx * self.trainer.world_size + self.global_rank)
         x0, y = batch
-        self.log("val/loss", self.paper_loss(self.net, x0, self.labels(y), g), on_epoch=True, sync_dist=True,
-                 batch_size=x0.shape[0])
+        loss = self.paper_loss(self.net, x0, self.labels(y), g)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self):
-        hp, recipe = self.hparams, self.hparams.recipe
-        adam = torch.optim.AdamW if recipe["weight_decay"] else torch.optim.Adam
-        optimizer = adam(self.net.parameters(), lr=hp.lr, betas=tuple(recipe["betas"]),
-                         weight_decay=recipe["weight_decay"], fused=True)
-        if not recipe["warmup_steps"] and recipe["lr_decay"] == "constant":
-            return optimizer  # the paper: a constant rate
-        total = []  # the run's steps, read after the first update (before it, a resumed run's loop state is not restored)
-
-        def factor(step: int) -> float:
-            if step and not total:
-                total.append(self.trainer.estimated_stepping_batches)
-            return lr_factor(step, recipe["warmup_steps"], recipe["lr_decay"], total[0] if total else 1)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # the run's steps, read after the first update (before it, a resumed run's loop state is not restored)
+        return adam_and_schedule(
+            self.net.parameters(), self.hparams.lr, self.hparams.recipe, lambda: self.trainer.estimated_stepping_batches
+        )
 
     @torch.no_grad()
-    def sample(self, n: int | None = None, labels: torch.Tensor | None = None, w: float | None = None,
-               sampler: dict | None = None, generator: torch.Generator | None = None, batch_size: int = 500,
-               callback=None) -> torch.Tensor:
+    def sample(self, n=None, labels=None, w=None, sampler=None, generator=None, batch_size=500, callback=None):
         """uint8 (N, 3, H, W) images with the current weights: ``n`` of them (unconditional), or one per label (class
-        indices), guided with weight ``w`` (default guidance.w); ``sampler``: a conf/sampler dict (default the run's)."""
+        indices), guided with weight ``w`` (default guidance.w); ``sampler``: a conf/sampler dict (default the run's);
+        ``callback(i, x)`` sees every intermediate state."""
         hp = self.hparams
         if hp.conditional:
             labels = torch.as_tensor(labels, device=self.device)
             n, w = len(labels), hp.guidance["w"] if w is None else w
-        return generate(self.fast.sample, self.sched, sampler or hp.sampler, n, (3, hp.image_size, hp.image_size),
-                        labels if hp.conditional else None, w or 0.0, self.net.null_class, generator, batch_size,
-                        callback, self.stop_check)
+        shape = (3, hp.image_size, hp.image_size)
+        y = labels if hp.conditional else None
+        return generate(
+            self.fast.sample,
+            self.sched,
+            sampler or hp.sampler,
+            n,
+            shape,
+            y,
+            w or 0.0,
+            self.net.null_class,
+            generator,
+            batch_size,
+            callback,
+            self.stop_check,
+        )
+
+
+def adam_and_schedule(params, lr: float, recipe: dict, total_steps):
+    """Adam (AdamW with ``recipe["weight_decay"]``), fused, with the recipe's betas; with a warm-up or a cosine decay,
+    also Lightning's per-step LR schedule, whose total ``total_steps()`` is read after the first update."""
+    adam = torch.optim.AdamW if recipe["weight_decay"] else torch.optim.Adam
+    optimizer = adam(params, lr=lr, betas=tuple(recipe["betas"]), weight_decay=recipe["weight_decay"], fused=True)
+    if not recipe["warmup_steps"] and recipe["lr_decay"] == "constant":
+        return optimizer  # the paper: a constant rate
+    total = []
+
+    def factor(step: int) -> float:
+        if step and not total:
+            total.append(total_steps())
+        return lr_factor(step, recipe["warmup_steps"], recipe["lr_decay"], total[0] if total else 1)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: float) -> float:
@@ -165,12 +186,21 @@ def upgrade_hparams(hparams: dict) -> dict:
         return dict(hparams)
     h = dict(hparams)
     recipe_keys = ("loss_weighting", "snr_gamma", "warmup_steps", "lr_decay", "betas", "weight_decay", "dropout")
-    return {"net": h["net"], "schedule": h["schedule"], "guidance": {"p_uncond": h["p_uncond"], "w": h["guidance_w"]},
-            "recipe": {"grad_clip": None, **{k: h[k] for k in recipe_keys}},
-            "speed": {k: h[k] for k in ("compile", "channels_last", "bf16_sampling")}, "sampler": h["sampler"],
-            "class_names": h["class_names"], "conditional": h["conditional"], "lr": h["lr"], "seed": h["seed"],
-            "image_size": h["image_size"], "max_nonfinite": h["max_nonfinite"],
-            "nonfinite_check_every": h["nonfinite_check_every"]}
+    return {
+        "net": h["net"],
+        "schedule": h["schedule"],
+        "guidance": {"p_uncond": h["p_uncond"], "w": h["guidance_w"]},
+        "recipe": {"grad_clip": None, **{k: h[k] for k in recipe_keys}},
+        "speed": {k: h[k] for k in ("compile", "channels_last", "bf16_sampling")},
+        "sampler": h["sampler"],
+        "class_names": h["class_names"],
+        "conditional": h["conditional"],
+        "lr": h["lr"],
+        "seed": h["seed"],
+        "image_size": h["image_size"],
+        "max_nonfinite": h["max_nonfinite"],
+        "nonfinite_check_every": h["nonfinite_check_every"],
+    }
 
 
 def load_checkpoint(path: str, device: str = "auto", **speed) -> DiffusionModule:
@@ -186,7 +216,9 @@ def load_checkpoint(path: str, device: str = "auto", **speed) -> DiffusionModule
         module.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise ConfigError(f"cannot load checkpoint {path} ({type(e).__name__}: {first}); pass a checkpoint written by train.py") from None
+        raise ConfigError(
+            f"cannot load checkpoint {path} ({type(e).__name__}: {first}); pass a checkpoint written by train.py"
+        ) from None
     return module.to(pick_device(device)).eval()
 
 

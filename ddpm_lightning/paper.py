@@ -21,10 +21,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.cli import one_line
-from ddpm_lightning.schema import CONF, compose
 from ddpm_lightning import files, schema
+from ddpm_lightning.cli import one_line
 from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.schema import CONF, compose
 
 log = logging.getLogger(__name__)
 ROOT = CONF.parent
@@ -40,7 +40,9 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
 def commit() -> str:
     p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     return (p.stdout.strip() or "unknown") + ("+uncommitted" if dirty.strip() else "")
 
 
@@ -50,46 +52,124 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
     train_args = [a for a in argv if a not in launcher]
     for a in train_args:
         if a.split("=")[0].lstrip("~+") in ("model", "data"):
-            raise ConfigError(f"{a}: the experiment trains every model on every data set; choose them with "
-                              "paper.models=[simple,improved] and paper.data=[cars,five_class]")
+            raise ConfigError(
+                f"{a}: the experiment trains every model on every data set; choose them with "
+                "paper.models=[simple,improved] and paper.data=[cars,five_class]"
+            )
         if a.startswith("-"):
             raise ConfigError(f"{a}: paper.py takes only key=value overrides of train.py's config")
     cfg = compose_train_config(train_args)
     schema.check(cfg, "config")
     p, out = cfg.paper, Path(cfg.paper.dir)
     py = sys.executable
-    group = [] if cfg.logger.wandb is None or cfg.logger.wandb.group else [f"logger.wandb.group={out.name}"]  # one W&B group
+    group = (
+        [] if cfg.logger.wandb is None or cfg.logger.wandb.group else [f"logger.wandb.group={out.name}"]
+    )  # one W&B group
     names = [(model, data) for model in p.models for data in p.data]
-    stages = [("train", [py, str(ROOT / "train.py"), "-m", f"model={','.join(p.models)}", f"data={','.join(p.data)}", *train_args, *group,
-                         *launcher, f"hydra.sweep.dir={out / 'train'}",
-                         "hydra.sweep.subdir=${hydra:runtime.choices.model}_${hydra:runtime.choices.data}"])]
+    stages = [
+        (
+            "train",
+            [
+                py,
+                str(ROOT / "train.py"),
+                "-m",
+                f"model={','.join(p.models)}",
+                f"data={','.join(p.data)}",
+                *train_args,
+                *group,
+                *launcher,
+                f"hydra.sweep.dir={out / 'train'}",
+                "hydra.sweep.subdir=${hydra:runtime.choices.model}_${hydra:runtime.choices.data}",
+            ],
+        )
+    ]
     metrics = OmegaConf.to_container(cfg.metrics, resolve=True) | {"seed": p.eval_seed}
     if p.eval_num_samples is not None:
         metrics["num_samples"] = p.eval_num_samples
     common = [f"metrics.{k}={'null' if v is None else v}" for k, v in metrics.items()] + [f"data.root={cfg.data.root}"]
-    common.append(f"data.max_images={'null' if cfg.data.max_images is None else cfg.data.max_images}")  # memorization: what was trained on
+    common.append(
+        f"data.max_images={'null' if cfg.data.max_images is None else cfg.data.max_images}"
+    )  # memorization: what was trained on
     if cfg.logger.wandb is None:
         common.append("logger=csv")
     else:
-        common += [f"logger.wandb.{k}={'null' if v is None else v}" for k, v in cfg.logger.wandb.items() if k in ("online", "project", "entity")]
+        common += [
+            f"logger.wandb.{k}={'null' if v is None else v}"
+            for k, v in cfg.logger.wandb.items()
+            if k in ("online", "project", "entity")
+        ]
         common.append(f"logger.wandb.group={cfg.logger.wandb.group or out.name}")
     for model, data in names:
         name = f"{model}_{data}"
         ckpt = out / "train" / name / "checkpoints" / "last.ckpt"
-        sweep = [f"guidance.w={','.join(str(w) for w in p.guidance_ws)}", "hydra.sweep.subdir=w${guidance.w}"] if model == "improved" \
+        sweep = (
+            [f"guidance.w={','.join(str(w) for w in p.guidance_ws)}", "hydra.sweep.subdir=w${guidance.w}"]
+            if model == "improved"
             else ["hydra.sweep.subdir=replica"]
-        stages.append((f"eval {name}", [py, str(ROOT / "evaluate.py"), "-m", f"ckpt={ckpt}", *common, *sweep, *launcher,
-                                        f"hydra.sweep.dir={out / 'eval' / name}"]))
+        )
+        stages.append(
+            (
+                f"eval {name}",
+                [
+                    py,
+                    str(ROOT / "evaluate.py"),
+                    "-m",
+                    f"ckpt={ckpt}",
+                    *common,
+                    *sweep,
+                    *launcher,
+                    f"hydra.sweep.dir={out / 'eval' / name}",
+                ],
+            )
+        )
     for data in p.data:
         ckpt = out / "train" / f"{p.models[0]}_{data}" / "checkpoints" / "last.ckpt"
-        stages.append((f"floor {data}", [py, str(ROOT / "evaluate.py"), "-m", f"ckpt={ckpt}", "real=true", *common, *launcher,
-                                         f"hydra.sweep.dir={out / 'eval' / f'floor_{data}'}", "hydra.sweep.subdir=real"]))
+        stages.append(
+            (
+                f"floor {data}",
+                [
+                    py,
+                    str(ROOT / "evaluate.py"),
+                    "-m",
+                    f"ckpt={ckpt}",
+                    "real=true",
+                    *common,
+                    *launcher,
+                    f"hydra.sweep.dir={out / 'eval' / f'floor_{data}'}",
+                    "hydra.sweep.subdir=real",
+                ],
+            )
+        )
     for model, data in names:
         name = f"{model}_{data}"
         ckpt = out / "train" / name / "checkpoints" / "last.ckpt"
-        stages.append((f"samples {name}", [py, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"n={p.samples}", "strips.reverse=true",
-                                           "strips.forward=true", f"data.root={cfg.data.root}", f"hydra.run.dir={out / 'samples' / name}"]))
-    stages.append(("report", [py, str(ROOT / "report.py"), f"runs={out}", f"out={out / 'report'}", f"loss_from_epoch={p.loss_from_epoch}"]))
+        stages.append(
+            (
+                f"samples {name}",
+                [
+                    py,
+                    str(ROOT / "sample.py"),
+                    f"ckpt={ckpt}",
+                    f"n={p.samples}",
+                    "strips.reverse=true",
+                    "strips.forward=true",
+                    f"data.root={cfg.data.root}",
+                    f"hydra.run.dir={out / 'samples' / name}",
+                ],
+            )
+        )
+    stages.append(
+        (
+            "report",
+            [
+                py,
+                str(ROOT / "report.py"),
+                f"runs={out}",
+                f"out={out / 'report'}",
+                f"loss_from_epoch={p.loss_from_epoch}",
+            ],
+        )
+    )
     return cfg, stages
 
 
@@ -111,9 +191,24 @@ def run(argv: list[str]) -> None:
         t0 = time.perf_counter()
         returncode = 0 if skip else subprocess.run(command, cwd=ROOT).returncode
         seconds = round(time.perf_counter() - t0, 1)
-        files.append_line(out / "paper_log.jsonl", json.dumps({"stage": name, "seconds": seconds, "returncode": returncode, "skipped": skip,
-                                                                "commit": rev, "started": started, "command": " ".join(command[1:]),
-                                                                "args": argv}), "the pipeline's log")
+        files.append_line(
+            out / "paper_log.jsonl",
+            json.dumps(
+                {
+                    "stage": name,
+                    "seconds": seconds,
+                    "returncode": returncode,
+                    "skipped": skip,
+                    "commit": rev,
+                    "started": started,
+                    "command": " ".join(command[1:]),
+                    "args": argv,
+                }
+            ),
+            "the pipeline's log",
+        )
         if returncode:
-            raise ConfigError(f"stage '{name}' failed (exit {returncode}); fix what it printed and rerun: finished work is kept")
+            raise ConfigError(
+                f"stage '{name}' failed (exit {returncode}); fix what it printed and rerun: finished work is kept"
+            )
     log.info(f"paper: done in {time.time() - started:.0f} s; the report is in {out / 'report'}")

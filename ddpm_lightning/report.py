@@ -15,10 +15,26 @@ from omegaconf import OmegaConf
 from ddpm_lightning.files import save_figure, write_bytes, write_text
 
 FLOOR = "real test images"
-SCORES = ["fid", "kid_mean", "is_mean", "precision", "recall", "class_acc", "memorized", "nn_ratio_median"]  # val/<key> per evaluation
+SCORES = [
+    "fid",
+    "kid_mean",
+    "is_mean",
+    "precision",
+    "recall",
+    "class_acc",
+    "memorized",
+    "nn_ratio_median",
+]  # val/<key> per evaluation
 FLOORED = ["fid", "kid", "class_acc", "memorized"]  # val/<key>_floor: the real test images' value
-LABELS = {"fid": "FID", "kid_mean": "KID x1e3", "is_mean": "Inception Score", "precision": "precision", "recall": "recall",
-          "class_acc": "class agreement (linear probe)", "memorized": "memorized fraction (d1/d2 < 1/3)"}
+LABELS = {
+    "fid": "FID",
+    "kid_mean": "KID x1e3",
+    "is_mean": "Inception Score",
+    "precision": "precision",
+    "recall": "recall",
+    "class_acc": "class agreement (linear probe)",
+    "memorized": "memorized fraction (d1/d2 < 1/3)",
+}
 SCALE = {"kid_mean": 1e3}
 CI_OF = {"kid_mean": "kid_ci95"}  # the interval's name where it is not <key>_ci95
 
@@ -43,20 +59,47 @@ def load_train(run: Path) -> dict:
     """One training run: its settings, FID/IS per evaluation, the loss per step and per epoch."""
     config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"))
     rows = read_csv(run / "csv" / "metrics.csv")
-    evals = [{"epochs": int(r["epoch"]) + 1, "step": int(r["step"]), "is_std": number(r.get("val/is_std")),
-              **{key: number(r.get(f"val/{key}")) for key in SCORES + [f"{k}_floor" for k in FLOORED]},
-              **{ci_of(key): [number(r[f"val/{ci_of(key)}_low"]), number(r[f"val/{ci_of(key)}_high"])] for key in SCORES
-                 if r.get(f"val/{ci_of(key)}_low")}}
-             for r in rows if number(r.get("val/fid")) is not None]
-    epochs = [{"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
-              for r in rows if number(r.get("train/loss_epoch")) is not None]
+    evals = [
+        {
+            "epochs": int(r["epoch"]) + 1,
+            "step": int(r["step"]),
+            "is_std": number(r.get("val/is_std")),
+            **{key: number(r.get(f"val/{key}")) for key in SCORES + [f"{k}_floor" for k in FLOORED]},
+            **{
+                ci_of(key): [number(r[f"val/{ci_of(key)}_low"]), number(r[f"val/{ci_of(key)}_high"])]
+                for key in SCORES
+                if r.get(f"val/{ci_of(key)}_low")
+            },
+        }
+        for r in rows
+        if number(r.get("val/fid")) is not None
+    ]
+    epochs = [
+        {"epoch": int(r["epoch"]), "step": int(r["step"]), "loss": number(r["train/loss_epoch"])}
+        for r in rows
+        if number(r.get("train/loss_epoch")) is not None
+    ]
     steps_per_epoch = (epochs[-1]["step"] + 1) / (epochs[-1]["epoch"] + 1) if epochs else None
-    steps = [{"step": int(r["step"]), "loss": number(r["train/loss_step"])} for r in rows if number(r.get("train/loss_step")) is not None]
+    steps = [
+        {"step": int(r["step"]), "loss": number(r["train/loss_step"])}
+        for r in rows
+        if number(r.get("train/loss_step")) is not None
+    ]
     done = run / "done.json"
-    return {"name": run.name, "model": "improved" if config["model"]["conditional"] else "simple", "classes": config["data"]["classes"],
-            "guidance_w": config["guidance"]["w"], "evals": evals, "epoch_loss": epochs, "step_loss": steps,
-            "steps_per_epoch": steps_per_epoch, "done": json.loads(done.read_text()) if done.is_file() else None,
-            "net": config["net"], "sampler": config["sampler"], "num_samples": config["metrics"]["num_samples"]}
+    return {
+        "name": run.name,
+        "model": "improved" if config["model"]["conditional"] else "simple",
+        "classes": config["data"]["classes"],
+        "guidance_w": config["guidance"]["w"],
+        "evals": evals,
+        "epoch_loss": epochs,
+        "step_loss": steps,
+        "steps_per_epoch": steps_per_epoch,
+        "done": json.loads(done.read_text()) if done.is_file() else None,
+        "net": config["net"],
+        "sampler": config["sampler"],
+        "num_samples": config["metrics"]["num_samples"],
+    }
 
 
 def load(runs: str | Path) -> dict:
@@ -67,18 +110,26 @@ def load(runs: str | Path) -> dict:
     evals: dict[str, list[dict]] = {}
     for path in sorted(runs.glob("eval/*/*/results.json")):
         evals.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
-    floors = {name[len("floor_"):]: rows[0] for name, rows in evals.items() if name.startswith("floor_")}
+    floors = {name[len("floor_") :]: rows[0] for name, rows in evals.items() if name.startswith("floor_")}
     sweeps = {name: sorted(rows, key=lambda r: r["w"]) for name, rows in evals.items() if not name.startswith("floor_")}
     samples = {d.name: d for d in sorted(runs.glob("samples/*")) if (d / "grid.png").is_file()}
     log_path = runs / "paper_log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     if not train:
-        raise FileNotFoundError(f"no training runs under {runs / 'train'}; run make paper first (or point runs= at its paper.dir)")
+        raise FileNotFoundError(
+            f"no training runs under {runs / 'train'}; run make paper first (or point runs= at its paper.dir)"
+        )
     return {"runs": str(runs), "train": train, "sweeps": sweeps, "floors": floors, "samples": samples, "log": log}
 
 
 def data_name(run: dict) -> str:
-    return "cars" if run["classes"] == ["automobile"] else "five_class" if len(run["classes"]) == 5 else "+".join(run["classes"])
+    return (
+        "cars"
+        if run["classes"] == ["automobile"]
+        else "five_class"
+        if len(run["classes"]) == 5
+        else "+".join(run["classes"])
+    )
 
 
 def floor_of(results: dict, run: dict) -> dict | None:
@@ -94,10 +145,18 @@ def noise(results: dict) -> dict:
             continue
         last = run["evals"][-1]["fid"]
         w = run["guidance_w"] if run["model"] == "improved" else 0.0
-        again = [r for r in results["sweeps"].get(name, []) if (r["w"] or 0.0) == (w[0] if isinstance(w, list) else w)
-                 and r["num_samples"] == run["num_samples"]]  # FID's bias depends on N: only pairs at the same N
+        again = [
+            r
+            for r in results["sweeps"].get(name, [])
+            if (r["w"] or 0.0) == (w[0] if isinstance(w, list) else w) and r["num_samples"] == run["num_samples"]
+        ]  # FID's bias depends on N: only pairs at the same N
         if again:
-            pairs[name] = {"training": last, "again": again[0]["fid"], "seed": again[0]["seed"], "d": again[0]["fid"] - last}
+            pairs[name] = {
+                "training": last,
+                "again": again[0]["fid"],
+                "seed": again[0]["seed"],
+                "d": again[0]["fid"] - last,
+            }
     sd = math.sqrt(sum(p["d"] ** 2 for p in pairs.values()) / (2 * len(pairs))) if pairs else None
     return {"pairs": pairs, "sd": sd}
 
@@ -111,17 +170,28 @@ def summary(results: dict) -> dict:
         floor = floor_of(results, run)
         sweep = results["sweeps"].get(name, [])
         best = min(sweep, key=lambda r: r["fid"]) if run["model"] == "improved" and sweep else None
-        rows.append({
-            "name": name, "model": run["model"], "data": data_name(run),
-            "first_fid": ev[0]["fid"] if ev else None, "first_epochs": ev[0]["epochs"] if ev else None,
-            "last_fid": ev[-1]["fid"] if ev else None, "last_epochs": ev[-1]["epochs"] if ev else None,
-            "last_is": ev[-1]["is_mean"] if ev else None,
-            **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
-            "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
-            "final_loss": run["epoch_loss"][-1]["loss"] if run["epoch_loss"] else None,
-            "floor_fid": ev[-1]["fid_floor"] if ev and ev[-1].get("fid_floor") is not None else floor["fid"] if floor else None,
-            "best_w": best["w"] if best else None, "best_w_fid": best["fid"] if best else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "model": run["model"],
+                "data": data_name(run),
+                "first_fid": ev[0]["fid"] if ev else None,
+                "first_epochs": ev[0]["epochs"] if ev else None,
+                "last_fid": ev[-1]["fid"] if ev else None,
+                "last_epochs": ev[-1]["epochs"] if ev else None,
+                "last_is": ev[-1]["is_mean"] if ev else None,
+                **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
+                "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
+                "final_loss": run["epoch_loss"][-1]["loss"] if run["epoch_loss"] else None,
+                "floor_fid": ev[-1]["fid_floor"]
+                if ev and ev[-1].get("fid_floor") is not None
+                else floor["fid"]
+                if floor
+                else None,
+                "best_w": best["w"] if best else None,
+                "best_w_fid": best["fid"] if best else None,
+            }
+        )
     return {"rows": rows, "noise": noise(results)}
 
 
@@ -137,8 +207,13 @@ def _floor_lines(ax, results: dict, datas: list[str], key: str = "fid") -> None:
     for i, data in enumerate(datas):
         floor = results["floors"].get(data)
         if floor and floor.get(key) is not None:
-            ax.axhline(floor[key] * scale, color="0.4", ls=(":", "--", "-.")[i % 3], lw=1,
-                       label=f"real test images, {data} (floor at N={floor['num_samples']})")
+            ax.axhline(
+                floor[key] * scale,
+                color="0.4",
+                ls=(":", "--", "-.")[i % 3],
+                lw=1,
+                label=f"real test images, {data} (floor at N={floor['num_samples']})",
+            )
 
 
 def fig_metric_over_epochs(results: dict, key: str = "fid"):
@@ -151,21 +226,46 @@ def fig_metric_over_epochs(results: dict, key: str = "fid"):
     for name, run in results["train"].items():
         points = [(e["epochs"], e[key] * scale) for e in run["evals"] if e.get(key) is not None]
         if points:
-            line, = ax.plot(*zip(*points), "o-", label=name)
+            (line,) = ax.plot(*zip(*points, strict=False), "o-", label=name)
             drawn = True
-            bands = [(e["epochs"], e[ci_of(key)][0] * scale, e[ci_of(key)][1] * scale) for e in run["evals"] if e.get(ci_of(key))]
+            bands = [
+                (e["epochs"], e[ci_of(key)][0] * scale, e[ci_of(key)][1] * scale)
+                for e in run["evals"]
+                if e.get(ci_of(key))
+            ]
             if bands:  # the 95% bootstrap interval of each evaluation
-                ax.fill_between(*zip(*bands), color=line.get_color(), alpha=0.2, lw=0)
-    logged = {data_name(r): r["evals"][-1] for r in results["train"].values() if r["evals"] and r["evals"][-1].get(FLOOR_OF.get(key))}
+                ax.fill_between(*zip(*bands, strict=False), color=line.get_color(), alpha=0.2, lw=0)
+    logged = {
+        data_name(r): r["evals"][-1]
+        for r in results["train"].values()
+        if r["evals"] and r["evals"][-1].get(FLOOR_OF.get(key))
+    }
     for i, (data, e) in enumerate(sorted(logged.items())):  # the floor the training logged, at its own N
-        ax.axhline(e[FLOOR_OF[key]] * scale, color="0.4", ls=(":", "--", "-.")[i % 3], lw=1,
-                   label=f"real test images, {data} (floor at N={first_run(results)['num_samples']})")
+        ax.axhline(
+            e[FLOOR_OF[key]] * scale,
+            color="0.4",
+            ls=(":", "--", "-.")[i % 3],
+            lw=1,
+            label=f"real test images, {data} (floor at N={first_run(results)['num_samples']})",
+        )
     if key != "is_mean" and not logged:
         _floor_lines(ax, results, sorted({data_name(r) for r in results["train"].values()}), key)
     if not drawn:
-        ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
-                wrap=True, fontsize=8, transform=ax.transAxes)
-    ax.set(xlabel="epochs trained", ylabel=label, title=f"{label.split(' (')[0]} over epochs (N = {first_run(results)['num_samples']})")
+        ax.text(
+            0.5,
+            0.5,
+            f"{label} unavailable in these runs\n{unavailable_reason(results)}",
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=8,
+            transform=ax.transAxes,
+        )
+    ax.set(
+        xlabel="epochs trained",
+        ylabel=label,
+        title=f"{label.split(' (')[0]} over epochs (N = {first_run(results)['num_samples']})",
+    )
     if drawn:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -197,20 +297,34 @@ def fig_metric_vs_w(results: dict, key: str = "fid"):
         datas.append(data_name(run))
         ci = ci_of(key)
         if points and all(r.get(ci) for r in rows):  # 95% bootstrap intervals as error bars
-            ax.errorbar(*zip(*points), yerr=[[(r[key] - r[ci][0]) * scale for r in rows], [(r[ci][1] - r[key]) * scale for r in rows]],
-                        fmt="o-", capsize=3, label=f"{name} (95% interval)")
+            ax.errorbar(
+                *zip(*points, strict=False),
+                yerr=[[(r[key] - r[ci][0]) * scale for r in rows], [(r[ci][1] - r[key]) * scale for r in rows]],
+                fmt="o-",
+                capsize=3,
+                label=f"{name} (95% interval)",
+            )
             drawn = True
         elif points:
-            ax.plot(*zip(*points), "o-", label=name)
+            ax.plot(*zip(*points, strict=False), "o-", label=name)
             drawn = True
     if key != "is_mean":
         _floor_lines(ax, results, datas, key)
     if not drawn:
-        ax.text(0.5, 0.5, f"{label} unavailable in these runs\n{unavailable_reason(results)}", ha="center", va="center",
-                fontsize=8, transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            f"{label} unavailable in these runs\n{unavailable_reason(results)}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
     else:
         ax.legend(fontsize=7)
-    ax.set(xlabel="guidance weight w (eq. 10)", ylabel=label, title=f"{label.split(' (')[0]} for different guidance levels")
+    ax.set(
+        xlabel="guidance weight w (eq. 10)", ylabel=label, title=f"{label.split(' (')[0]} for different guidance levels"
+    )
     fig.tight_layout()
     return fig
 
@@ -223,13 +337,19 @@ def fig_loss(results: dict, from_epoch: float = 0):
     for i, (name, run) in enumerate(results["train"].items()):
         spe = run["steps_per_epoch"] or 1
         x = [s["step"] / spe for s in run["step_loss"]]
-        y = moving_average([s["loss"] for s in run["step_loss"]], max(1, round(len(x) / max(x[-1] if x else 1, 1) / 10)))
+        y = moving_average(
+            [s["loss"] for s in run["step_loss"]], max(1, round(len(x) / max(x[-1] if x else 1, 1) / 10))
+        )
         keep = [k for k, v in enumerate(x) if v >= from_epoch]
         ax.plot([x[k] for k in keep], [y[k] for k in keep], color=f"C{i}", lw=0.8, alpha=0.6)
         means = [(e["epoch"] + 0.5, e["loss"]) for e in run["epoch_loss"] if e["epoch"] + 1 > from_epoch]
         if means:
-            ax.plot(*zip(*means), "o", color=f"C{i}", label=f"{name} (epoch means)")
-    ax.set(xlabel="epoch", ylabel="loss ||eps - eps_theta||^2", title="Loss over training" + (f" (epoch {from_epoch:g} onwards)" if from_epoch else ""))
+            ax.plot(*zip(*means, strict=False), "o", color=f"C{i}", label=f"{name} (epoch means)")
+    ax.set(
+        xlabel="epoch",
+        ylabel="loss ||eps - eps_theta||^2",
+        title="Loss over training" + (f" (epoch {from_epoch:g} onwards)" if from_epoch else ""),
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -250,40 +370,71 @@ def table(results: dict) -> str:
     s = summary(results)
     sd = s["noise"]["sd"]
     fmt = lambda v, p=1: "" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = ["| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss | "
-             "last KID x1e3 | last class agreement | last memorized |", "|" + " --- |" * 12]
+    lines = [
+        "| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss | "
+        "last KID x1e3 | last class agreement | last memorized |",
+        "|" + " --- |" * 12,
+    ]
     for r in s["rows"]:
         best = "" if r["best_w"] is None else f"{r['best_w']:g} ({r['best_w_fid']:.1f})"
         kid = None if r["last_kid_mean"] is None else r["last_kid_mean"] * 1e3
-        lines.append(f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}) | {fmt(r['last_fid'])} ({r['last_epochs']}) | "
-                     f"{fmt(r['drop_in_sd'])} | {fmt(r['last_is'], 2) or 'unavailable'} | {fmt(r['floor_fid'])} | "
-                     f"{best} | {fmt(r['final_loss'], 4)} | {fmt(kid)} | {fmt(r['last_class_acc'], 3)} | {fmt(r['last_memorized'], 3)} |")
-    lines += ["", "Evaluation noise: each final model scored twice with fresh noise and labels (the training's last FID, "
-              "and evaluate.py with paper.eval_seed at the trained w):", "",
-              "| model | FID (training seed) | FID (eval seed) | difference |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}) | {fmt(r['last_fid'])} ({r['last_epochs']}) | "
+            f"{fmt(r['drop_in_sd'])} | {fmt(r['last_is'], 2) or 'unavailable'} | {fmt(r['floor_fid'])} | "
+            f"{best} | {fmt(r['final_loss'], 4)} | {fmt(kid)} | {fmt(r['last_class_acc'], 3)} | {fmt(r['last_memorized'], 3)} |"
+        )
+    lines += [
+        "",
+        "Evaluation noise: each final model scored twice with fresh noise and labels (the training's last FID, "
+        "and evaluate.py with paper.eval_seed at the trained w):",
+        "",
+        "| model | FID (training seed) | FID (eval seed) | difference |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, p in s["noise"]["pairs"].items():
         lines.append(f"| {name} | {p['training']:.1f} | {p['again']:.1f} | {p['d']:+.1f} |")
     if not s["noise"]["pairs"]:
         lines.append("| (no final model was scored again at the training's N: paper.eval_num_samples differs) | | | |")
     for name, run in results["train"].items():
         if run["evals"]:
-            lines += ["", f"Along the run, {name} (N = {run['num_samples']}, the training's seed; 95% intervals):", "",
-                      "| step | epochs | FID | KID x1e3 | precision | recall | class agreement | memorized |", "|" + " --- |" * 8]
-            lines += [f"| {e['step']:,} | {e['epochs']} | {with_interval(e, 'fid', 1.0, 1)} | {with_interval(e, 'kid_mean', 1e3, 1)} | "
-                      f"{with_interval(e, 'precision')} | {with_interval(e, 'recall')} | {with_interval(e, 'class_acc')} | "
-                      f"{with_interval(e, 'memorized')} |" for e in run["evals"]]
+            lines += [
+                "",
+                f"Along the run, {name} (N = {run['num_samples']}, the training's seed; 95% intervals):",
+                "",
+                "| step | epochs | FID | KID x1e3 | precision | recall | class agreement | memorized |",
+                "|" + " --- |" * 8,
+            ]
+            lines += [
+                f"| {e['step']:,} | {e['epochs']} | {with_interval(e, 'fid', 1.0, 1)} | {with_interval(e, 'kid_mean', 1e3, 1)} | "
+                f"{with_interval(e, 'precision')} | {with_interval(e, 'recall')} | {with_interval(e, 'class_acc')} | "
+                f"{with_interval(e, 'memorized')} |"
+                for e in run["evals"]
+            ]
     if sd is not None:
-        lines += ["", f"Noise sd of one FID at this N: sqrt(mean(d^2) / 2) = {sd:.2f} over {len(s['noise']['pairs'])} pairs."]
+        lines += [
+            "",
+            f"Noise sd of one FID at this N: sqrt(mean(d^2) / 2) = {sd:.2f} over {len(s['noise']['pairs'])} pairs.",
+        ]
     for name, rows in results["sweeps"].items():
         run = results["train"].get(name)
         if not run or run["model"] != "improved":
             continue
-        lines += ["", f"Guidance sweep, {name} (N = {rows[0]['num_samples']}, {rows[0]['sampler']} {rows[0]['steps']} steps, seed {rows[0]['seed']}):", "",
-                  "| w | " + " | ".join(f"{r['w']:g}" for r in rows) + " |", "| --- " * (len(rows) + 1) + "|",
-                  "| FID | " + " | ".join(with_interval(r, "fid", 1.0, 1) for r in rows) + " |",
-                  "| IS | " + " | ".join(fmt(r["is_mean"], 2) or "n/a" for r in rows) + " |"]
-        for key, label in (("kid_mean", "KID x1e3"), ("precision", "precision"), ("recall", "recall"), ("class_acc", "class agreement"),
-                           ("memorized", "memorized")):
+        lines += [
+            "",
+            f"Guidance sweep, {name} (N = {rows[0]['num_samples']}, {rows[0]['sampler']} {rows[0]['steps']} steps, seed {rows[0]['seed']}):",
+            "",
+            "| w | " + " | ".join(f"{r['w']:g}" for r in rows) + " |",
+            "| --- " * (len(rows) + 1) + "|",
+            "| FID | " + " | ".join(with_interval(r, "fid", 1.0, 1) for r in rows) + " |",
+            "| IS | " + " | ".join(fmt(r["is_mean"], 2) or "n/a" for r in rows) + " |",
+        ]
+        for key, label in (
+            ("kid_mean", "KID x1e3"),
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("class_acc", "class agreement"),
+            ("memorized", "memorized"),
+        ):
             if any(r.get(key) is not None for r in rows):
                 scale, digits = SCALE.get(key, 1.0), 1 if key == "kid_mean" else 3
                 lines.append(f"| {label} | " + " | ".join(with_interval(r, key, scale, digits) for r in rows) + " |")
@@ -306,9 +457,16 @@ def run_info(results: dict) -> str:
     total = sum(e["seconds"] for e in log)
     commits = list(dict.fromkeys(e["commit"] for e in log))
     commands = list(dict.fromkeys(" ".join(e["args"]) for e in log))
-    lines = [""] + [f"Command: `make paper ARGS=\"{args}\"` (python paper.py {args})" for args in commands]
-    lines += [f"Commit: {', '.join(commits)}", f"Wall time: {total / 60:.1f} min in all stages ({len({e['started'] for e in log})} invocation(s)):", ""]
-    lines += [f"- {e['stage']}: {e['seconds'] / 60:.1f} min" + ("" if e["returncode"] == 0 else f" (exit {e['returncode']})") for e in log]
+    lines = [""] + [f'Command: `make paper ARGS="{args}"` (python paper.py {args})' for args in commands]
+    lines += [
+        f"Commit: {', '.join(commits)}",
+        f"Wall time: {total / 60:.1f} min in all stages ({len({e['started'] for e in log})} invocation(s)):",
+        "",
+    ]
+    lines += [
+        f"- {e['stage']}: {e['seconds'] / 60:.1f} min" + ("" if e["returncode"] == 0 else f" (exit {e['returncode']})")
+        for e in log
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -342,15 +500,23 @@ def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
-    figures = {"fig09_fid_over_epochs.png": fig_metric_over_epochs(results, "fid"),
-               "fig10_is_over_epochs.png": fig_metric_over_epochs(results, "is_mean"),
-               "fig11_fid_vs_w.png": fig_metric_vs_w(results, "fid"),
-               "fig12_is_vs_w.png": fig_metric_vs_w(results, "is_mean"),
-               "fig13_loss.png": fig_loss(results, 0),
-               f"fig14_loss_from_epoch_{loss_from_epoch:g}.png": fig_loss(results, loss_from_epoch)}
+    figures = {
+        "fig09_fid_over_epochs.png": fig_metric_over_epochs(results, "fid"),
+        "fig10_is_over_epochs.png": fig_metric_over_epochs(results, "is_mean"),
+        "fig11_fid_vs_w.png": fig_metric_vs_w(results, "fid"),
+        "fig12_is_vs_w.png": fig_metric_vs_w(results, "is_mean"),
+        "fig13_loss.png": fig_loss(results, 0),
+        f"fig14_loss_from_epoch_{loss_from_epoch:g}.png": fig_loss(results, loss_from_epoch),
+    }
     measured = lambda key: any(e.get(key) is not None for run in results["train"].values() for e in run["evals"])  # noqa: E731
     swept = lambda key: any(r.get(key) is not None for rows in results["sweeps"].values() for r in rows)  # noqa: E731
-    for key in ("kid_mean", "class_acc", "memorized", "precision", "recall"):  # beyond the paper: where they were measured
+    for key in (
+        "kid_mean",
+        "class_acc",
+        "memorized",
+        "precision",
+        "recall",
+    ):  # beyond the paper: where they were measured
         if measured(key):
             figures[f"{key}_over_epochs.png"] = fig_metric_over_epochs(results, key)
         if swept(key):
@@ -365,17 +531,34 @@ def write(runs: str | Path, out: str | Path, loss_from_epoch: float = 5) -> list
             if (folder / src).is_file():
                 write_bytes(out / dst, (folder / src).read_bytes(), "a report figure")
                 written.append(out / dst)
-    for path in sorted(Path(results["runs"]).glob("eval/*/*/nearest.png")):  # memorization: samples beside their nearest training images
+    for path in sorted(
+        Path(results["runs"]).glob("eval/*/*/nearest.png")
+    ):  # memorization: samples beside their nearest training images
         dst = out / f"nearest_{path.parent.parent.name}_{path.parent.name}.png"
         write_bytes(dst, path.read_bytes(), "a report figure")
         written.append(dst)
     for name, folder in results["samples"].items():
         written += class_grids(folder / "samples.npz", out, name)
-    forward = next((f / "forward_diffusion.png" for f in results["samples"].values() if (f / "forward_diffusion.png").is_file()), None)
+    forward = next(
+        (f / "forward_diffusion.png" for f in results["samples"].values() if (f / "forward_diffusion.png").is_file()),
+        None,
+    )
     if forward:
         write_bytes(out / "fig01_forward_diffusion.png", forward.read_bytes(), "a report figure")
         written.append(out / "fig01_forward_diffusion.png")
     write_text(out / "results.md", table(results) + run_info(results), "the report's table")
-    write_text(out / "results.json", json.dumps({"summary": summary(results), "sweeps": results["sweeps"], "floors": results["floors"],
-                                                 "log": results["log"]}, indent=1, default=str), "the report's numbers")
+    write_text(
+        out / "results.json",
+        json.dumps(
+            {
+                "summary": summary(results),
+                "sweeps": results["sweeps"],
+                "floors": results["floors"],
+                "log": results["log"],
+            },
+            indent=1,
+            default=str,
+        ),
+        "the report's numbers",
+    )
     return written + [out / "results.md", out / "results.json"]

@@ -12,9 +12,9 @@ from torchvision.utils import make_grid
 
 from ddpm_lightning import files
 from ddpm_lightning.data import ensure_cifar10, load_subset, to_unit_range
+from ddpm_lightning.diffusion.generate import to_uint8
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.files import atomic_write, save_png
-from ddpm_lightning.diffusion.generate import to_uint8
 from ddpm_lightning.module import DiffusionModule, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,9 @@ def class_labels(module: DiffusionModule, classes: list[str] | None, n: int) -> 
     names = module.hparams.class_names
     if not module.hparams.conditional:
         if classes:
-            raise ConfigError("classes= was given, but this checkpoint is the unconditional model (model=simple); drop classes=")
+            raise ConfigError(
+                "classes= was given, but this checkpoint is the unconditional model (model=simple); drop classes="
+            )
         return None
     classes = list(classes or names)
     unknown = [c for c in classes if c not in names]
@@ -60,21 +62,28 @@ def run(cfg: DictConfig) -> None:
     for i, image in enumerate(images):
         save_png(image, out / "images" / f"{i:05d}.png")
     names = module.hparams.class_names
-    save_npz(out / "samples.npz", images=images.permute(0, 2, 3, 1).cpu().numpy(),
-             labels=np.array([] if labels is None else labels.numpy()), class_names=np.array(names))
+    save_npz(
+        out / "samples.npz",
+        images=images.permute(0, 2, 3, 1).cpu().numpy(),
+        labels=np.array([] if labels is None else labels.numpy()),
+        class_names=np.array(names),
+    )
     log.info(f"{cfg.n} images with {sampler['name']} to {out} (grid.png, images/, samples.npz)")
     if cfg.strips.reverse:
         frames = []
         generator = torch.Generator(module.device).manual_seed(cfg.seed)
         first = None if labels is None else labels[:1]
-        module.sample(n=1, labels=first, w=w, sampler=sampler, generator=generator,
-                      callback=lambda i, x: frames.append(x.clone()))
+        module.sample(
+            n=1, labels=first, w=w, sampler=sampler, generator=generator, callback=lambda i, x: frames.append(x.clone())
+        )
         save_png(strip(frames, cfg.strips.frames), out / "reverse_diffusion.png")
     if cfg.strips.forward:
         folder = ensure_cifar10(cfg.data.root, download=False)
         x0 = to_unit_range(load_subset(folder, names, "test")[0][:1]).to(module.device)
         sched = module.sched
-        eps = torch.randn(x0.shape, device=module.device, generator=torch.Generator(module.device).manual_seed(cfg.seed))
+        eps = torch.randn(
+            x0.shape, device=module.device, generator=torch.Generator(module.device).manual_seed(cfg.seed)
+        )
         steps = [i - 1 for i in evenly(sched.T + 1, cfg.strips.frames)]  # -1 is x_0 itself, then 0-based t indices
         frames = [x0 if i < 0 else sched.q_sample(x0, torch.tensor([i], device=module.device), eps) for i in steps]
         save_png(strip(frames, cfg.strips.frames), out / "forward_diffusion.png")

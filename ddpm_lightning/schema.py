@@ -28,6 +28,7 @@ def setting(help: str, choices: list | None = None, node=None, default=REQUIRED)
 
 # ---- config groups -------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class NetConfig:
     width: int = setting("channels of the U-Net's first level (levels: width, 2 width, 4 width)")
@@ -64,10 +65,14 @@ class ModelConfig:
 
 @dataclass
 class RecipeConfig:
-    loss_weighting: str = setting("w_t of the loss: none (the paper) or min_snr, min(SNR_t, gamma) / SNR_t", ["none", "min_snr"])
+    loss_weighting: str = setting(
+        "w_t of the loss: none (the paper) or min_snr, min(SNR_t, gamma) / SNR_t", ["none", "min_snr"]
+    )
     snr_gamma: float = setting("gamma of min_snr (Hang et al.: 5)")
     warmup_steps: int = setting("linear LR warm-up over this many steps (DDPM: 5000); 0: none")
-    lr_decay: str = setting("the LR after the warm-up: constant, or cosine to 0 at the last step", ["constant", "cosine"])
+    lr_decay: str = setting(
+        "the LR after the warm-up: constant, or cosine to 0 at the last step", ["constant", "cosine"]
+    )
     grad_clip: Optional[float] = setting("clip the gradient to this global norm (DDPM: 1.0); null: no clipping")
     dropout: float = setting("dropout in the U-Net's residual blocks (DDPM: 0.1)")
     betas: List[float] = setting("Adam's (beta_1, beta_2)")
@@ -109,17 +114,24 @@ class DataConfig:
 @dataclass
 class TrainerOwnConfig:
     accelerator: str = setting("Lightning's accelerator", ["auto", "cpu", "gpu", "cuda", "mps"])
-    devices: Any = setting("devices per node: a number >= 1 or auto (a whole number under hydra/launcher=slurm or local)")
+    devices: Any = setting(
+        "devices per node: a number >= 1 or auto (a whole number under hydra/launcher=slurm or local)"
+    )
     num_nodes: int = setting("nodes (machines) of one run, for multi-node DDP under SLURM")
     strategy: str = setting("Lightning's strategy", ["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"])
-    precision: str = setting("Lightning's precision (default bf16-mixed on a GPU)",
-                             ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"])
+    precision: str = setting(
+        "Lightning's precision (default bf16-mixed on a GPU)",
+        ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"],
+    )
     max_epochs: int = setting("epochs to train")
-    max_steps: int = setting("optimizer steps to train (-1: trainer.max_epochs decides); the LR schedule and ETA follow it")
+    max_steps: int = setting(
+        "optimizer steps to train (-1: trainer.max_epochs decides); the LR schedule and ETA follow it"
+    )
     max_time: Optional[str] = setting("stop after this long, DD:HH:MM:SS")
     check_val_every_n_epoch: int = setting("validation loss and a sample grid every N epochs")
-    val_check_interval: Any = setting("validations within an epoch too: a fraction of it or a count of batches; "
-                                      "FID stays at epoch ends")
+    val_check_interval: Any = setting(
+        "validations within an epoch too: a fraction of it or a count of batches; FID stays at epoch ends"
+    )
     limit_val_batches: Any = setting("validation batches: a fraction (<= 1.0) or a count (> 1)")
     limit_train_batches: Any = setting("training batches per epoch: a fraction (<= 1.0) or a count (> 1); null: all")
     accumulate_grad_batches: int = setting("batches per optimizer step (the EMA and LR schedule count optimizer steps)")
@@ -129,10 +141,15 @@ class TrainerOwnConfig:
     deterministic: bool = setting("deterministic algorithms only")
     fast_dev_run: bool = setting("one training and one validation batch, a one-image-per-class grid, no FID")
     max_nonfinite: int = setting("consecutive non-finite losses (updates skipped) before training stops")
-    process_group_timeout: int = setting("seconds a rank waits for the others in a collective before the run stops (a rank died)")
+    process_group_timeout: int = setting(
+        "seconds a rank waits for the others in a collective before the run stops (a rank died)"
+    )
 
 
-OURS = ("max_nonfinite", "process_group_timeout")  # trainer.* settings of this project, not arguments of lightning.Trainer
+OURS = (
+    "max_nonfinite",
+    "process_group_timeout",
+)  # trainer.* settings of this project, not arguments of lightning.Trainer
 TRAINER_REFUSED = {  # arguments of lightning.Trainer that train.py sets itself: why each is not a setting
     "logger": "train.py builds the loggers: choose them with logger=wandb or logger=csv",
     "callbacks": "train.py builds the callbacks: set them under callbacks.*",
@@ -246,7 +263,9 @@ class PaperConfig:
     data: List[str] = setting("the data sets to train on", ["cars", "five_class", "cifar10"])
     guidance_ws: List[Any] = setting("the guidance sweep of each improved model (Fig. 11-12)")
     eval_seed: int = setting("the evaluations' noise (another draw than metrics.seed)")
-    eval_num_samples: Optional[int] = setting("N of the sweeps and the floor beside them; null: metrics.num_samples (the training's N)")
+    eval_num_samples: Optional[int] = setting(
+        "N of the sweeps and the floor beside them; null: metrics.num_samples (the training's N)"
+    )
     samples: int = setting("final sample grid size per model")
     loss_from_epoch: float = setting("Fig. 14: the loss from this epoch on")
 
@@ -259,6 +278,7 @@ class SpeedConfig:
 
 
 # ---- entry points --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainConfig:
@@ -292,7 +312,9 @@ class DataRoot:
 @dataclass
 class EvalData:
     root: str = setting("the folder that holds cifar-10-batches-py/")
-    max_images: Optional[int] = setting("the training images the model saw, the first N of the subset (for memorization); null: all")
+    max_images: Optional[int] = setting(
+        "the training images the model saw, the first N of the subset (for memorization); null: all"
+    )
 
 
 @dataclass
@@ -300,7 +322,9 @@ class EvaluateConfig:
     metrics: MetricsConfig = setting("FID/KID/IS settings", node=MetricsConfig)
     speed: SpeedConfig = setting("sampling speed options for this device", node=SpeedConfig)
     logger: LoggerConfig = setting("logger=wandb|csv", node=LoggerConfig)
-    sampler: Any = setting("sampler=ancestral|ddim|dpm_solver (then sampler.* as in train.py); default the checkpoint's", default=None)
+    sampler: Any = setting(
+        "sampler=ancestral|ddim|dpm_solver (then sampler.* as in train.py); default the checkpoint's", default=None
+    )
     ckpt: str = setting("a checkpoint written by train.py")
     guidance: EvalGuidance = setting("guidance", node=EvalGuidance)
     real: bool = setting("score real test images instead: the floor")
@@ -347,12 +371,25 @@ class ReportConfig:
     wandb: ReportWandb = setting("the dashboard's W&B place", node=ReportWandb)
 
 
-GROUPS = {"net": {"schema": NetConfig}, "schedule": {"schema_linear": LinearSchedule, "schema_cosine": CosineSchedule},
-          "guidance": {"schema": GuidanceConfig}, "model": {"schema": ModelConfig}, "recipe": {"schema": RecipeConfig},
-          "sampler": {"schema_ancestral": AncestralSampler, "schema_ddim": DDIMSampler, "schema_dpm_solver": DPMSolverSampler},
-          "data": {"schema": DataConfig}, "trainer": {"schema": TrainerConfig}, "logger": {"schema": LoggerConfig},
-          "callbacks": {"schema": CallbacksConfig}, "metrics": {"schema": MetricsConfig}, "paper": {"schema": PaperConfig},
-          "speed": {"schema": SpeedConfig}}
+GROUPS = {
+    "net": {"schema": NetConfig},
+    "schedule": {"schema_linear": LinearSchedule, "schema_cosine": CosineSchedule},
+    "guidance": {"schema": GuidanceConfig},
+    "model": {"schema": ModelConfig},
+    "recipe": {"schema": RecipeConfig},
+    "sampler": {
+        "schema_ancestral": AncestralSampler,
+        "schema_ddim": DDIMSampler,
+        "schema_dpm_solver": DPMSolverSampler,
+    },
+    "data": {"schema": DataConfig},
+    "trainer": {"schema": TrainerConfig},
+    "logger": {"schema": LoggerConfig},
+    "callbacks": {"schema": CallbacksConfig},
+    "metrics": {"schema": MetricsConfig},
+    "paper": {"schema": PaperConfig},
+    "speed": {"schema": SpeedConfig},
+}
 ENTRY_POINTS = {"config": TrainConfig, "evaluate": EvaluateConfig, "sample": SampleConfig, "report": ReportConfig}
 
 
@@ -361,8 +398,11 @@ def register() -> None:
     and each entry point's as ``schema_<config name>``."""
     cs = ConfigStore.instance()
     for group, nodes in GROUPS.items():
-        for name, node in nodes.items():  # schema/net, schema/schedule_linear, ...: not options of the groups themselves
-            cs.store(group="schema", name=group + name[len("schema"):], node=node)
+        for (
+            name,
+            node,
+        ) in nodes.items():  # schema/net, schema/schedule_linear, ...: not options of the groups themselves
+            cs.store(group="schema", name=group + name[len("schema") :], node=node)
     for name, node in ENTRY_POINTS.items():
         cs.store(name=f"schema_{name}", node=node)
 
@@ -382,6 +422,7 @@ def compose(entry: str, overrides: list[str] | tuple = (), return_hydra_config: 
 
 # ---- ranges, choices and relations ---------------------------------------------------------------------------------
 
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -395,8 +436,11 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "net.width": (lambda v: v >= 1, ">= 1"),
     "net.emb_dim": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2"),
     "net.heads": (lambda v: v >= 1, ">= 1"),
-    "net.attention": (lambda v: len(set(v)) == len(v) and set(v) <= {32, 16, 8, 4}, "distinct resolutions of the net's blocks",
-                      "choose from 32, 16, 8, 4 (the paper: [32,16,8,4]; [] for none), e.g. net.attention=[8,4]"),
+    "net.attention": (
+        lambda v: len(set(v)) == len(v) and set(v) <= {32, 16, 8, 4},
+        "distinct resolutions of the net's blocks",
+        "choose from 32, 16, 8, 4 (the paper: [32,16,8,4]; [] for none), e.g. net.attention=[8,4]",
+    ),
     "recipe.snr_gamma": (lambda v: v > 0, "> 0"),
     "recipe.warmup_steps": (lambda v: v >= 0, ">= 0 (0: no warm-up)"),
     "recipe.grad_clip": (lambda v: v > 0, "> 0 (or null: no clipping)"),
@@ -412,23 +456,41 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "sampler.eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.max_images": (lambda v: v >= 1, ">= 1 (or null: all)"),
-    "data.classes": (lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(CIFAR10_CLASSES),
-                     "a non-empty list of distinct CIFAR-10 classes", f"choose from {', '.join(CIFAR10_CLASSES)}"),
-    "trainer.devices": (lambda v: v == "auto" or (_number(v) and v >= 1 and v == int(v)), "a whole number >= 1 or auto"),
+    "data.classes": (
+        lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(CIFAR10_CLASSES),
+        "a non-empty list of distinct CIFAR-10 classes",
+        f"choose from {', '.join(CIFAR10_CLASSES)}",
+    ),
+    "trainer.devices": (
+        lambda v: v == "auto" or (_number(v) and v >= 1 and v == int(v)),
+        "a whole number >= 1 or auto",
+    ),
     "trainer.max_epochs": (lambda v: v >= 1, ">= 1"),
     "trainer.max_steps": (lambda v: v == -1 or v >= 1, ">= 1 (or -1: trainer.max_epochs decides)"),
     "trainer.accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
     "trainer.gradient_clip_val": (lambda v: v > 0, "> 0 (or null: no clipping)"),
-    "trainer.limit_train_batches": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count > 1"),
-    "trainer.val_check_interval": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count of batches"),
+    "trainer.limit_train_batches": (
+        lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)),
+        "a fraction in (0, 1] or a whole count > 1",
+    ),
+    "trainer.val_check_interval": (
+        lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)),
+        "a fraction in (0, 1] or a whole count of batches",
+    ),
     "trainer.check_val_every_n_epoch": (lambda v: v >= 1, ">= 1"),
-    "trainer.limit_val_batches": (lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)), "a fraction in (0, 1] or a whole count > 1"),
+    "trainer.limit_val_batches": (
+        lambda v: _number(v) and v > 0 and (v <= 1 or v == int(v)),
+        "a fraction in (0, 1] or a whole count > 1",
+    ),
     "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
     "trainer.max_nonfinite": (lambda v: v >= 1, ">= 1"),
     "trainer.num_nodes": (lambda v: v >= 1, ">= 1"),
     "trainer.process_group_timeout": (lambda v: v >= 10, ">= 10 (seconds)"),
-    "trainer.max_time": (lambda v: len(v.split(":")) == 4 and all(p.isdigit() for p in v.split(":")), "DD:HH:MM:SS",
-                         "for example trainer.max_time=00:12:00:00 stops after 12 hours"),
+    "trainer.max_time": (
+        lambda v: len(v.split(":")) == 4 and all(p.isdigit() for p in v.split(":")),
+        "DD:HH:MM:SS",
+        "for example trainer.max_time=00:12:00:00 stops after 12 hours",
+    ),
     "callbacks.sample_grid.n_per_class": (lambda v: v >= 1, ">= 1"),
     "callbacks.sample_grid.n": (lambda v: v >= 1, ">= 1"),
     "callbacks.sample_grid.seed": (lambda v: v >= 0, ">= 0"),
@@ -444,7 +506,10 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "metrics.bootstrap": (lambda v: v == 0 or v >= 10, "0 (no intervals) or >= 10 resamples"),
     "paper.models": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list without repeats"),
     "paper.data": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list without repeats"),
-    "paper.guidance_ws": (lambda v: len(v) >= 1 and all(_number(w) and w >= -1 for w in v), "a non-empty list of weights >= -1, e.g. [0,0.5,1,2,3,4]"),
+    "paper.guidance_ws": (
+        lambda v: len(v) >= 1 and all(_number(w) and w >= -1 for w in v),
+        "a non-empty list of weights >= -1, e.g. [0,0.5,1,2,3,4]",
+    ),
     "paper.eval_seed": (lambda v: v >= 0, ">= 0"),
     "paper.eval_num_samples": (lambda v: v >= 2, ">= 2 (or null: metrics.num_samples)"),
     "paper.samples": (lambda v: v >= 1, ">= 1"),
@@ -454,7 +519,10 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "strips.frames": (lambda v: v >= 2, ">= 2"),
     "classes": (lambda v: len(v) >= 1, "a non-empty list of the checkpoint's class names (or null: all)"),
     "loss_from_epoch": (lambda v: v >= 0, ">= 0"),
-    "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()), "auto, cpu, cuda, cuda:N or mps"),
+    "device": (
+        lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
     "logger.wandb.project": (lambda v: bool(v.strip()), "a non-empty name"),
 }
 
@@ -488,12 +556,18 @@ def check(cfg: DictConfig, entry: str) -> None:
     for key in _keys(cfg, known):
         if key not in known and key.split(".")[0] in ("schedule", "sampler") and key.count(".") == 1:
             option = f"{key.split('.')[0]}.{'kind' if key.startswith('schedule') else 'name'}"
-            raise ConfigError(f"{key} is not a setting of {option}={_get(cfg, option)}; choose it with "
-                              f"{key.split('.')[0]}={_get(cfg, option)} (which brings its own settings)")
+            raise ConfigError(
+                f"{key} is not a setting of {option}={_get(cfg, option)}; choose it with "
+                f"{key.split('.')[0]}={_get(cfg, option)} (which brings its own settings)"
+            )
         if key not in known:
             raise ConfigError(f"{key} is not a setting of this program; drop it (--help lists every key with its type)")
     for key, spec in known.items():
-        if OmegaConf.is_missing(cfg, key) if "." not in key else OmegaConf.is_missing(_get(cfg, key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]):
+        if (
+            OmegaConf.is_missing(cfg, key)
+            if "." not in key
+            else OmegaConf.is_missing(_get(cfg, key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1])
+        ):
             raise ConfigError(f"{key} is required and has no value; pass {key}=... ({spec.metadata['help']})")
         value = _get(cfg, key)
         choices = spec.metadata.get("choices")
@@ -503,7 +577,7 @@ def check(cfg: DictConfig, entry: str) -> None:
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ConfigError(f"{key}={value} must be a finite number; set {key} to one")
         if choices:
-            for v in (value if isinstance(value, (list, ListConfig)) else [value]):
+            for v in value if isinstance(value, (list, ListConfig)) else [value]:
                 if v not in choices:
                     raise ConfigError(f"{key}={v} is not one of {', '.join(map(str, choices))}; choose one of them")
         if key in RANGES:
@@ -517,46 +591,72 @@ def check(cfg: DictConfig, entry: str) -> None:
         weights = _weights(w) if w is not None else [0.0]
         if weights is None or any(x < -1 for x in weights) or entry != "config" and isinstance(w, ListConfig):
             shown = OmegaConf.to_container(w) if isinstance(w, ListConfig) else w
-            raise ConfigError(f"guidance.w={shown} must be a number >= -1 (w = -1 is the unconditional model)" +
-                              (", or a list of them" if entry == "config" else "") + "; for example guidance.w=2" +
-                              (" or guidance.w=[0,1,2,4]" if entry == "config" else ""))
+            raise ConfigError(
+                f"guidance.w={shown} must be a number >= -1 (w = -1 is the unconditional model)"
+                + (", or a list of them" if entry == "config" else "")
+                + "; for example guidance.w=2"
+                + (" or guidance.w=[0,1,2,4]" if entry == "config" else "")
+            )
     if entry == "config":
         relations(cfg)
-    for key in ("ckpt",) if entry in ("evaluate", "sample") else ():
+    if entry in ("evaluate", "sample"):
         if not Path(cfg.ckpt).is_file():
-            raise ConfigError(f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py")
+            raise ConfigError(
+                f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
+            )
     if entry == "report" and not Path(cfg.runs).is_dir():
         raise ConfigError(f"runs={cfg.runs} is not a folder; pass the paper.dir of a make paper run")
-    if entry in ("config", "evaluate") and cfg.metrics.inception_weights is not None and not Path(cfg.metrics.inception_weights).is_file():
-        raise ConfigError(f"metrics.inception_weights={cfg.metrics.inception_weights} does not exist; point it at an FID Inception state dict")
+    if (
+        entry in ("config", "evaluate")
+        and cfg.metrics.inception_weights is not None
+        and not Path(cfg.metrics.inception_weights).is_file()
+    ):
+        raise ConfigError(
+            f"metrics.inception_weights={cfg.metrics.inception_weights} does not exist; point it at an FID Inception state dict"
+        )
 
 
 def relations(cfg: DictConfig) -> None:
     """Relations between the training settings."""
     fid, val = cfg.callbacks.fid.every_n_epochs, cfg.trainer.check_val_every_n_epoch
     if fid % val:
-        raise ConfigError(f"callbacks.fid.every_n_epochs={fid} must be a multiple of trainer.check_val_every_n_epoch={val} "
-                          "(FID runs at validation, with the EMA weights); change one of them")
+        raise ConfigError(
+            f"callbacks.fid.every_n_epochs={fid} must be a multiple of trainer.check_val_every_n_epoch={val} "
+            "(FID runs at validation, with the EMA weights); change one of them"
+        )
     if cfg.schedule.kind == "linear" and cfg.schedule.beta_T < cfg.schedule.beta_1:
-        raise ConfigError(f"schedule.beta_T={cfg.schedule.beta_T} < schedule.beta_1={cfg.schedule.beta_1}: betas must not decrease; swap them")
+        raise ConfigError(
+            f"schedule.beta_T={cfg.schedule.beta_T} < schedule.beta_1={cfg.schedule.beta_1}: betas must not decrease; swap them"
+        )
     if "steps" in cfg.sampler and cfg.sampler.steps > cfg.schedule.T:
-        raise ConfigError(f"sampler.steps={cfg.sampler.steps} must be at most schedule.T={cfg.schedule.T}; lower sampler.steps")
+        raise ConfigError(
+            f"sampler.steps={cfg.sampler.steps} must be at most schedule.T={cfg.schedule.T}; lower sampler.steps"
+        )
     width, heads = cfg.net.width, cfg.net.heads
     if width % heads:
-        raise ConfigError(f"net.heads={heads} must divide net.width={width} (attention splits the channels); change one of them")
+        raise ConfigError(
+            f"net.heads={heads} must divide net.width={width} (attention splits the channels); change one of them"
+        )
     if not cfg.model.conditional and (cfg.guidance.p_uncond or any(_weights(cfg.guidance.w) or [])):
-        raise ConfigError(f"guidance (w={cfg.guidance.w}, p_uncond={cfg.guidance.p_uncond}) given to the unconditional model; "
-                          "use model=improved, or guidance=none with model=simple")
+        raise ConfigError(
+            f"guidance (w={cfg.guidance.w}, p_uncond={cfg.guidance.p_uncond}) given to the unconditional model; "
+            "use model=improved, or guidance=none with model=simple"
+        )
     clip, trainer_clip = cfg.recipe.grad_clip, cfg.trainer.gradient_clip_val
     if clip is not None and trainer_clip is not None and clip != trainer_clip:
-        raise ConfigError(f"recipe.grad_clip={clip} and trainer.gradient_clip_val={trainer_clip} are the same setting with two "
-                          "values; give one of them")
+        raise ConfigError(
+            f"recipe.grad_clip={clip} and trainer.gradient_clip_val={trainer_clip} are the same setting with two "
+            "values; give one of them"
+        )
     if cfg.data.max_images is not None and cfg.data.batch_size > cfg.data.max_images:  # max_images: of the whole subset
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {cfg.data.max_images} training images that "
-                          f"data.max_images={cfg.data.max_images} leaves at most; lower data.batch_size")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {cfg.data.max_images} training images that "
+            f"data.max_images={cfg.data.max_images} leaves at most; lower data.batch_size"
+        )
 
 
 # ---- documentation -------------------------------------------------------------------------------------------------
+
 
 def _type_name(tp) -> str:
     if tp is Any:
@@ -579,7 +679,7 @@ def leaves(schema, cfg: DictConfig | None = None, prefix: str = ""):
         if f.type is Any and key in ("schedule", "sampler"):  # the schema of the chosen option
             name = f"{key}.kind" if key == "schedule" else f"{key}.name"
             chosen = _get(cfg, name) if cfg is not None and _get(cfg, key) is not None else None
-            options = [n[len("schema_"):] for n in GROUPS[key]]
+            options = [n[len("schema_") :] for n in GROUPS[key]]
             if chosen is not None and chosen not in options:
                 raise ConfigError(f"{name}={chosen} is not one of {', '.join(options)}; choose one with {key}=<option>")
             sub = GROUPS[key][f"schema_{chosen}"] if chosen else None
@@ -603,7 +703,7 @@ def _shown(cfg: DictConfig, key: str) -> str:
         return "required"
     text = "null" if node is None else str(node).lower() if isinstance(node, bool) else str(node).replace("'", "")
     if text.startswith("${gpu_or:"):
-        on_gpu, otherwise = text[len("${gpu_or:"):-1].split(",")
+        on_gpu, otherwise = text[len("${gpu_or:") : -1].split(",")
         return f"{otherwise} ({on_gpu} on a GPU)"
     return text
 
@@ -613,7 +713,14 @@ def _rows(entry: str) -> list[tuple[str, str, str, str]]:
     rows = []
     for key, f in leaves(ENTRY_POINTS[entry], cfg):
         choices = f.metadata.get("choices")
-        rows.append((key, _type_name(f.type) + (f" ({'|'.join(map(str, choices))})" if choices else ""), _shown(cfg, key), f.metadata["help"]))
+        rows.append(
+            (
+                key,
+                _type_name(f.type) + (f" ({'|'.join(map(str, choices))})" if choices else ""),
+                _shown(cfg, key),
+                f.metadata["help"],
+            )
+        )
     return rows
 
 
@@ -621,9 +728,13 @@ def help_text(entry: str, script: str) -> str:
     """--help: every key of the entry point with its type, default and a one-line description."""
     rows = _rows(entry)
     width = [max(len(r[i]) for r in rows + [("key", "type", "default", "")]) for i in range(3)]
-    lines = [f"python {script} [key=value ...]    -m: a sweep, each value checked before the first job; --cfg job: the composed "
-             "config; HYDRA_FULL_ERROR=1: full tracebacks", "", "  ".join(h.ljust(w) for h, w in zip(("key", "type", "default"), width)) + "  description"]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row[:3], width)) + "  " + row[3] for row in rows]
+    lines = [
+        f"python {script} [key=value ...]    -m: a sweep, each value checked before the first job; --cfg job: the composed "
+        "config; HYDRA_FULL_ERROR=1: full tracebacks",
+        "",
+        "  ".join(h.ljust(w) for h, w in zip(("key", "type", "default"), width, strict=False)) + "  description",
+    ]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row[:3], width, strict=False)) + "  " + row[3] for row in rows]
     return "\n".join(lines)
 
 

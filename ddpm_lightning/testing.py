@@ -3,20 +3,39 @@ groups' paper values, and a random FID Inception state dict (neither needs files
 
 import torch
 
-PAPER_RECIPE = dict(loss_weighting="none", snr_gamma=5.0, warmup_steps=0, lr_decay="constant", grad_clip=None,
-                    dropout=0.0, betas=[0.9, 0.999], weight_decay=0.0)
+PAPER_RECIPE = dict(
+    loss_weighting="none",
+    snr_gamma=5.0,
+    warmup_steps=0,
+    lr_decay="constant",
+    grad_clip=None,
+    dropout=0.0,
+    betas=[0.9, 0.999],
+    weight_decay=0.0,
+)
 EAGER = dict(compile=False, channels_last=False, bf16_sampling=False)
 
 
-def tiny_module(conditional: bool = False, class_names: list[str] | None = None, net: dict | None = None,
-                schedule: dict | None = None, sampler: dict | None = None, recipe: dict | None = None,
-                speed: dict | None = None, p_uncond: float | None = None, w: float | None = None, lr: float = 1e-3,
-                **kwargs):
+def tiny_module(
+    conditional: bool = False,
+    class_names: list[str] | None = None,
+    net: dict | None = None,
+    schedule: dict | None = None,
+    sampler: dict | None = None,
+    recipe: dict | None = None,
+    speed: dict | None = None,
+    p_uncond: float | None = None,
+    w: float | None = None,
+    lr: float = 1e-3,
+    **kwargs,
+):
     """A DiffusionModule of width 8 on T = 20 steps (each group's given keys replace these), conditional or not."""
     from ddpm_lightning.module import DiffusionModule
 
-    guidance = {"p_uncond": (0.1 if conditional else 0.0) if p_uncond is None else p_uncond,
-                "w": (1.0 if conditional else 0.0) if w is None else w}
+    guidance = {
+        "p_uncond": (0.1 if conditional else 0.0) if p_uncond is None else p_uncond,
+        "w": (1.0 if conditional else 0.0) if w is None else w,
+    }
     return DiffusionModule(
         net={"width": 8, "emb_dim": 32, "heads": 2, **(net or {})},
         schedule={"kind": "linear", "T": 20, **(schedule or {})},

@@ -12,9 +12,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import cluster, files, metrics, schema
+from ddpm_lightning.callbacks import (
+    EMA,
+    ETA,
+    FIDCallback,
+    FlushLogsOnSave,
+    Preemption,
+    ProgressBar,
+    SampleGrid,
+    TrainingStarted,
+    last_checkpoint,
+)
 from ddpm_lightning.cli import startup
-from ddpm_lightning.callbacks import (EMA, ETA, FIDCallback, FlushLogsOnSave, Preemption, ProgressBar, SampleGrid, TrainingStarted,
-                                      last_checkpoint)
 from ddpm_lightning.cluster import SIGNALS, Preempted
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import Schedule
@@ -35,9 +44,19 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
     """The module from the config groups; guidance.w is the first of the weights (it draws the grids)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     guidance = {"p_uncond": c["guidance"]["p_uncond"], "w": guidance_weights(cfg)[0]}
-    return DiffusionModule(net=c["net"], schedule=c["schedule"], guidance=guidance, recipe=c["recipe"], speed=c["speed"],
-                           sampler=c["sampler"], class_names=class_names, conditional=c["model"]["conditional"],
-                           lr=c["model"]["lr"], seed=c["seed"], max_nonfinite=c["trainer"]["max_nonfinite"])
+    return DiffusionModule(
+        net=c["net"],
+        schedule=c["schedule"],
+        guidance=guidance,
+        recipe=c["recipe"],
+        speed=c["speed"],
+        sampler=c["sampler"],
+        class_names=class_names,
+        conditional=c["model"]["conditional"],
+        lr=c["model"]["lr"],
+        seed=c["seed"],
+        max_nonfinite=c["trainer"]["max_nonfinite"],
+    )
 
 
 def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tuple[str | None, int | None]:
@@ -48,7 +67,9 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tupl
         path = last if last.is_file() else None
     elif cfg.ckpt_path == "last":
         if not last.is_file():
-            raise ConfigError(f"ckpt_path=last, but {last} does not exist; pass hydra.run.dir=<the run's dir> or ckpt_path=PATH")
+            raise ConfigError(
+                f"ckpt_path=last, but {last} does not exist; pass hydra.run.dir=<the run's dir> or ckpt_path=PATH"
+            )
         path = last
     else:
         path = Path(cfg.ckpt_path)
@@ -60,11 +81,15 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tupl
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         hparams, step = upgrade_hparams(ckpt["hyper_parameters"]), int(ckpt["global_step"])
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}); pass a checkpoint written by train.py") from None
+        raise ConfigError(
+            f"cannot read checkpoint {path} ({type(e).__name__}); pass a checkpoint written by train.py"
+        ) from None
     for key in ("net", "schedule", "conditional", "class_names", "image_size"):
         if hparams.get(key) != module.hparams[key]:
-            raise ConfigError(f"checkpoint {path} has {key}={hparams.get(key)}, this run {key}={module.hparams[key]}; "
-                              "resume with the same model/net/schedule/data settings or use another run dir")
+            raise ConfigError(
+                f"checkpoint {path} has {key}={hparams.get(key)}, this run {key}={module.hparams[key]}; "
+                "resume with the same model/net/schedule/data settings or use another run dir"
+            )
     log.info(f"resuming from {path}")
     return str(path), step
 
@@ -73,12 +98,32 @@ def load_reference(cfg: DictConfig, data: CIFARDataModule) -> tuple[metrics.Ince
     """The FID detector, the reference statistics of the subset's real images with their class probe, the training
     images (for memorization) and the real-data floor (all cached), on the training device."""
     m = cfg.metrics
-    images, labels = (data.train_images, data.train_labels) if m.reference_split == "train" else (data.test_images, data.test_labels)
+    images, labels = (
+        (data.train_images, data.train_labels) if m.reference_split == "train" else (data.test_images, data.test_labels)
+    )
     device = "cpu" if cfg.trainer.accelerator == "cpu" else pick_device("auto")
-    detector, reference = metrics.detector_and_reference(m.inception_weights, data.classes, images, m.reference_split, m.reference_images,
-                                                         m.cache_dir, m.batch_size, device, labels=labels, train_images=data.train_images)
-    floor = metrics.floor(detector, reference, data.test_images, m.num_samples, metrics.settings_of(cfg.metrics), m.cache_dir, m.batch_size,
-                          test_labels=data.test_labels)
+    detector, reference = metrics.detector_and_reference(
+        m.inception_weights,
+        data.classes,
+        images,
+        m.reference_split,
+        m.reference_images,
+        m.cache_dir,
+        m.batch_size,
+        device,
+        labels=labels,
+        train_images=data.train_images,
+    )
+    floor = metrics.floor(
+        detector,
+        reference,
+        data.test_images,
+        m.num_samples,
+        metrics.settings_of(cfg.metrics),
+        m.cache_dir,
+        m.batch_size,
+        test_labels=data.test_labels,
+    )
     return detector, reference, floor
 
 
@@ -90,19 +135,33 @@ def fid_callback(cfg: DictConfig, data: CIFARDataModule) -> list[FIDCallback]:
         log.info("trainer.fast_dev_run: no FID evaluation (it needs the reference statistics and num_samples images)")
         return []
     detector, reference, floor = load_reference(cfg, data)
-    return [FIDCallback(detector, reference, floor, every, cfg.metrics.num_samples, guidance_weights(cfg), metrics.settings_of(cfg.metrics),
-                        cfg.metrics.batch_size)]
+    return [
+        FIDCallback(
+            detector,
+            reference,
+            floor,
+            every,
+            cfg.metrics.num_samples,
+            guidance_weights(cfg),
+            metrics.settings_of(cfg.metrics),
+            cfg.metrics.batch_size,
+        )
+    ]
 
 
 def log_prior_gap(schedule: Schedule, warn_above: float = 0.05) -> None:
     """Sampling starts from N(0, I), but q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I)."""
     ab_T = schedule.alpha_bar[-1].item()
-    msg = (f"schedule: T={schedule.T}, alpha_bar_T={ab_T:.3g}: x_T keeps sqrt(alpha_bar_T)={schedule.prior_gap:.3f} of x_0, "
-           f"KL(q(x_T|x_0) || N(0,I)) = {schedule.prior_kl:.2g} nats per dimension at |x_0| = 1")
+    msg = (
+        f"schedule: T={schedule.T}, alpha_bar_T={ab_T:.3g}: x_T keeps sqrt(alpha_bar_T)={schedule.prior_gap:.3f} of x_0, "
+        f"KL(q(x_T|x_0) || N(0,I)) = {schedule.prior_kl:.2g} nats per dimension at |x_0| = 1"
+    )
     log.info(msg)
     if schedule.prior_gap > warn_above:
-        log.warning(f"sampling starts from N(0, I) while x_T still holds {schedule.prior_gap:.1%} of x_0 (over {warn_above:.0%}); "
-                    "raise schedule.T or use schedule=cosine to close the gap")
+        log.warning(
+            f"sampling starts from N(0, I) while x_T still holds {schedule.prior_gap:.1%} of x_0 (over {warn_above:.0%}); "
+            "raise schedule.T or use schedule=cosine to close the gap"
+        )
 
 
 def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> list[L.Callback]:
@@ -116,7 +175,11 @@ def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> li
         FlushLogsOnSave(),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        *([ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate)] if cfg.trainer.enable_progress_bar is not False else []),
+        *(
+            [ProgressBar(refresh_rate=cfg.callbacks.progress.refresh_rate)]
+            if cfg.trainer.enable_progress_bar is not False
+            else []
+        ),
         LearningRateMonitor(logging_interval="step"),
         ETA(),
     ]
@@ -134,8 +197,10 @@ def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     t = cfg.trainer
     if not t.fast_dev_run and finished(run_dir, t.max_epochs, t.max_steps):
-        log.info(f"{run_dir} already holds a run trained to trainer.max_epochs={t.max_epochs}, trainer.max_steps={t.max_steps} "
-                 "(done.json); nothing to do (raise trainer.max_epochs or trainer.max_steps to train on, or use another run dir)")
+        log.info(
+            f"{run_dir} already holds a run trained to trainer.max_epochs={t.max_epochs}, trainer.max_steps={t.max_steps} "
+            "(done.json); nothing to do (raise trainer.max_epochs or trainer.max_steps to train on, or use another run dir)"
+        )
         return
     start = time.perf_counter()
     SIGNALS.install()  # from here on a preemption signal stops the run (at once until training starts)
@@ -146,7 +211,9 @@ def run(cfg: DictConfig) -> None:
         fit(cfg, run_dir, start)
     except Preempted as e:
         done = cluster.requeue(e.signum) if cluster.global_rank() == 0 else "rank 0 requeues the job"
-        log.warning(f"{e}; {done}; exit code {cluster.exit_code(e.signum)} (a rerun in {run_dir} resumes from its last.ckpt)")
+        log.warning(
+            f"{e}; {done}; exit code {cluster.exit_code(e.signum)} (a rerun in {run_dir} resumes from its last.ckpt)"
+        )
         raise SystemExit(cluster.exit_code(e.signum)) from None
     finally:
         if cfg.logger.wandb is not None:
@@ -156,10 +223,14 @@ def run(cfg: DictConfig) -> None:
 
 
 def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
-    with startup("building the run", cfg=cfg):  # until the first training step: any failure is one line, and nothing is trained
+    with startup(
+        "building the run", cfg=cfg
+    ):  # until the first training step: any failure is one line, and nothing is trained
         if cluster.global_rank() == 0:
             files.remove_leftovers(run_dir)  # temp files of a run killed while writing
-        L.seed_everything(cfg.seed, workers=True)  # the initial weights; each step's noise comes from (seed, step, rank)
+        L.seed_everything(
+            cfg.seed, workers=True
+        )  # the initial weights; each step's noise comes from (seed, step, rank)
         data = CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
         data.setup("fit")  # bad data fails here, before anything is built
         module = build_module(cfg, data.classes)
@@ -167,18 +238,43 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         log_prior_gap(module.schedule)
         callbacks = build_callbacks(cfg, data, run_dir)
         started = callbacks[0]
-        trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in schema.OURS}
+        trainer_args = {
+            k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in schema.OURS
+        }
         trainer_args |= cluster.trainer_environment(cfg)
-        clip = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else cfg.trainer.gradient_clip_val  # one setting, two names
+        clip = (
+            cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else cfg.trainer.gradient_clip_val
+        )  # one setting, two names
         trainer_args |= {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
-        trainer_args["plugins"] = [*trainer_args.get("plugins", []), files.checkpoint_io()]  # crash-safe checkpoint writes
-        trainer = L.Trainer(**trainer_args, logger=build_loggers(cfg, run_dir, resumed_step), callbacks=callbacks, default_root_dir=run_dir)
+        trainer_args["plugins"] = [
+            *trainer_args.get("plugins", []),
+            files.checkpoint_io(),
+        ]  # crash-safe checkpoint writes
+        trainer = L.Trainer(
+            **trainer_args,
+            logger=build_loggers(cfg, run_dir, resumed_step),
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+        )
         if trainer.world_size > 1 and trainer.is_global_zero:
-            log.info(f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}")
-    with startup("starting the training", applies=lambda: not started.stepped, cfg=cfg), cluster.lost_ranks(trainer, run_dir):
+            log.info(
+                f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}"
+            )
+    with (
+        startup("starting the training", applies=lambda: not started.stepped, cfg=cfg),
+        cluster.lost_ranks(trainer, run_dir),
+    ):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     t = cfg.trainer
     reached = trainer.current_epoch >= t.max_epochs or 0 < t.max_steps <= trainer.global_step
     if not trainer.fast_dev_run and reached and trainer.is_global_zero:
-        files.write_json(run_dir / "done.json", {"max_epochs": t.max_epochs, "max_steps": t.max_steps, "global_step": trainer.global_step,
-                                                 "seconds_this_process": round(time.perf_counter() - start, 1)}, "the run's done marker")
+        files.write_json(
+            run_dir / "done.json",
+            {
+                "max_epochs": t.max_epochs,
+                "max_steps": t.max_steps,
+                "global_step": trainer.global_step,
+                "seconds_this_process": round(time.perf_counter() - start, 1),
+            },
+            "the run's done marker",
+        )

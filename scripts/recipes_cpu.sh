@@ -5,7 +5,7 @@
 # per-step costs, measured side by side). Three processes at a time, one thread each; budgets are steps, so sharing
 # the CPU changes wall times only. Along each run: FID/KID at N = 500 every 8 epochs; at the end, evaluate.py at
 # N = 1,000 with the runs' sampler (DDIM 50, eta = 1), and at N = 500 with the paper's ancestral sampler (500 network
-# calls per image: 10x DDIM's cost, so at the along-run N). Then bench/recipe_report.py.
+# calls per image: 10x DDIM's cost, so at the along-run N). Then scripts/recipe_report.py.
 #   bash scripts/recipes_cpu.sh            (about 2 hours; a rerun skips what is done)
 #   SINGLES=1 bash scripts/recipes_cpu.sh  (also the single levers: another hour)
 set -euo pipefail
@@ -46,7 +46,7 @@ final() {  # name, sampler tag, N, evaluate.py overrides...
 }
 peer() {
   [ -f "$OUT/peer.json" ] && grep -q "\"step\": $PEER_STEPS" "$OUT/peer.json" && return 0
-  OMP_NUM_THREADS=1 $PY bench/peer_diffusers.py --data "$DATA" --weights "$WEIGHTS" --steps "$PEER_STEPS" \
+  OMP_NUM_THREADS=1 $PY scripts/peer_diffusers.py --data "$DATA" --weights "$WEIGHTS" --steps "$PEER_STEPS" \
     --eval-every $((PEER_STEPS / 5)) --out "$OUT/peer.json" > "$OUT/peer.log" 2>&1
 }
 
@@ -62,4 +62,4 @@ if [ -n "${SINGLES:-}" ]; then
   (train lr_schedule recipe=paper recipe.warmup_steps=200 recipe.lr_decay=cosine && final lr_schedule ddim 1000) &
   wait
 fi
-$PY bench/recipe_report.py --runs "$OUT" --out docs/results/recipes_cpu
+$PY scripts/recipe_report.py --runs "$OUT" --out docs/results/recipes_cpu

@@ -10,7 +10,9 @@ SHARED = ROOT.parent / "shared"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def make_cifar(root: Path, n_train: int = 20, n_test: int = 10, labels: tuple = tuple(range(10)), seed: int = 0) -> Path:
+def make_cifar(
+    root: Path, n_train: int = 20, n_test: int = 10, labels: tuple = tuple(range(10)), seed: int = 0
+) -> Path:
     """A tiny CIFAR-10 copy in the official python format; each class is an easily learned picture:
     a flat colour of its own with a little noise. n_train/n_test are per class, train split over 5 batches."""
     rng = np.random.default_rng(seed)
@@ -26,8 +28,15 @@ def make_cifar(root: Path, n_train: int = 20, n_test: int = 10, labels: tuple = 
     x, y = batch(n_train)
     for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
         with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"batch_label": f"training batch {i} of 5", "data": x[part], "labels": [y[j] for j in part],
-                         "filenames": [f"{j}.png" for j in part]}, f)
+            pickle.dump(
+                {
+                    "batch_label": f"training batch {i} of 5",
+                    "data": x[part],
+                    "labels": [y[j] for j in part],
+                    "filenames": [f"{j}.png" for j in part],
+                },
+                f,
+            )
     x, y = batch(n_test)
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"batch_label": "testing batch 1 of 1", "data": x, "labels": y, "filenames": []}, f)
@@ -55,9 +64,24 @@ def smoke_run(tmp_path_factory, python):
     tmp = tmp_path_factory.mktemp("smoke")
     root = make_cifar(tmp / "cifar")
     run_dir = tmp / "run"
-    p = subprocess.run([python, str(ROOT / "train.py"), "experiment=smoke", "model=improved", f"data.root={root}",
-                        "data.classes=[automobile,cat]", "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=2",
-                        "logger=csv", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "train.py"),
+            "experiment=smoke",
+            "model=improved",
+            f"data.root={root}",
+            "data.classes=[automobile,cat]",
+            "data.max_images=null",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return run_dir, root
 
@@ -125,8 +149,14 @@ def wandb_run(run_dir: Path) -> dict:
             out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
         elif kind == "metric":
             m = r.metric
-            out["metrics"].append({"name": m.name or m.glob_name, "step_metric": m.step_metric,
-                                   "min": m.summary.min, "last": m.summary.last})
+            out["metrics"].append(
+                {
+                    "name": m.name or m.glob_name,
+                    "step_metric": m.step_metric,
+                    "min": m.summary.min,
+                    "last": m.summary.last,
+                }
+            )
         elif kind == "history":
             out["logged"] |= {i.key or "/".join(i.nested_key) for i in r.history.item}
     return out

@@ -2,8 +2,8 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import SHARED
+
 from ddpm_lightning.data import CIFARDataModule, EpochBatchSampler, load_subset, random_hflip, to_unit_range
 from ddpm_lightning.errors import ConfigError
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, make_cifar, natural_images, random_detector_state
-from ddpm_lightning import files, metrics
 from test_reliability import assert_same_training_state, load, train_cmd, wait_for
+
+from ddpm_lightning import files, metrics
 
 
 @pytest.fixture
@@ -24,9 +24,13 @@ def tmpfs(tmp_path):
     def mount(size: str, name: str = "fs") -> Path:
         point = tmp_path / name
         point.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True)
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if p.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or 'mount failed'}); CI runs as root, where it can")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({p.stderr.strip() or 'mount failed'}); CI runs as root, where it can"
+            )
         mounted.append(point)
         return point
 
@@ -80,8 +84,11 @@ def test_a_full_disk_is_one_error_that_names_the_path_the_content_and_the_room(t
     fs = tmpfs("1m")
     files.write_bytes(fs / "old.bin", b"old")
     fill(fs, leave=4096)
-    with pytest.raises(files.DiskFull, match=r"cannot write a sample grid to .*old.bin: the disk is full \(it needs [0-9.]+ MB, "
-                                            r"[0-9.]+ MB free\); nothing was lost"):
+    with pytest.raises(
+        files.DiskFull,
+        match=r"cannot write a sample grid to .*old.bin: the disk is full \(it needs [0-9.]+ MB, "
+        r"[0-9.]+ MB free\); nothing was lost",
+    ):
         files.write_bytes(fs / "old.bin", b"\1" * 300_000, "a sample grid")
     assert (fs / "old.bin").read_bytes() == b"old" and sorted(os.listdir(fs)) == ["filler", "old.bin"]
 
@@ -101,17 +108,42 @@ def test_a_garbage_or_truncated_reference_cache_is_recomputed_with_one_warning(t
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and "is unreadable" in warnings[0] and "recomputing it" in warnings[0]
         assert torch.load(cache, weights_only=True)["features"].shape == (24, 2048)  # rewritten, whole
-    floor = metrics.floor(detector, first, images[:8], 8, dict(kid_subsets=5, kid_subset_size=4, bootstrap=0, seed=0, prc=False), tmp_path, 8)
+    floor = metrics.floor(
+        detector,
+        first,
+        images[:8],
+        8,
+        dict(kid_subsets=5, kid_subset_size=4, bootstrap=0, seed=0, prc=False),
+        tmp_path,
+        8,
+    )
     cached_floor = next(tmp_path.glob("floor_*.json"))
     cached_floor.write_text("{not json")
-    assert metrics.floor(detector, first, images[:8], 8, dict(kid_subsets=5, kid_subset_size=4, bootstrap=0, seed=0, prc=False),
-                         tmp_path, 8)["fid"] == pytest.approx(floor["fid"])
+    assert metrics.floor(
+        detector,
+        first,
+        images[:8],
+        8,
+        dict(kid_subsets=5, kid_subset_size=4, bootstrap=0, seed=0, prc=False),
+        tmp_path,
+        8,
+    )["fid"] == pytest.approx(floor["fid"])
 
 
 def big_train_cmd(python, root, run_dir, *extra):
     """The paper's U-Net (width 64: a 373 MB checkpoint with the EMA and Adam's moments) on 8 images: 2 steps an epoch."""
-    return train_cmd(python, root, run_dir, "net=unet", "data.batch_size=4", "data.classes=[automobile,cat]", "trainer.max_epochs=4",
-                     "callbacks.sample_grid.n_per_class=1", "sampler.steps=2", *extra)
+    return train_cmd(
+        python,
+        root,
+        run_dir,
+        "net=unet",
+        "data.batch_size=4",
+        "data.classes=[automobile,cat]",
+        "trainer.max_epochs=4",
+        "callbacks.sample_grid.n_per_class=1",
+        "sampler.steps=2",
+        *extra,
+    )
 
 
 def kill_during_save(python, cmd, run_dir: Path, save: int, delay: float, env: dict) -> None:
@@ -122,7 +154,9 @@ def kill_during_save(python, cmd, run_dir: Path, save: int, delay: float, env: d
     seen, writing = 0, False
     start = time.time()
     while proc.poll() is None and time.time() - start < 600:
-        now = (ckpts.is_dir() and bool(list(ckpts.glob(f".last.ckpt{files.TMP_MARK}*")))) or any(p.is_file() for p in tmpdir.rglob("*"))
+        now = (ckpts.is_dir() and bool(list(ckpts.glob(f".last.ckpt{files.TMP_MARK}*")))) or any(
+            p.is_file() for p in tmpdir.rglob("*")
+        )
         if now and not writing:
             seen += 1
             if seen == save:
@@ -166,14 +200,18 @@ def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one
 @pytest.mark.slow  # about 4 minutes: seven kills of a 373 MB checkpoint write, each resumed to the end
 def test_sigkills_at_many_points_of_the_saves_leave_a_checkpoint_that_resumes_bit_exact(python, tmpfs, tmp_path):
     fs, root, tmpdir, env = two_filesystems(tmpfs, tmp_path)
-    p = subprocess.run(big_train_cmd(python, root, tmp_path / "reference"), capture_output=True, text=True, timeout=900, env=env)
+    p = subprocess.run(
+        big_train_cmd(python, root, tmp_path / "reference"), capture_output=True, text=True, timeout=900, env=env
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     reference = load(tmp_path / "reference" / "checkpoints" / "last.ckpt")
     for i, (save, delay) in enumerate([(1, 0.0), (1, 0.2), (2, 0.0), (2, 0.1), (2, 0.4), (3, 0.02), (3, 0.3)]):
         run_dir = fs / f"run{i}"
         kill_during_save(python, big_train_cmd(python, root, run_dir), run_dir, save, delay, env)
         last = run_dir / "checkpoints" / "last.ckpt"
-        if save == 1 and not last.exists():  # killed before the first checkpoint was complete: nothing to resume, nothing lost
+        if (
+            save == 1 and not last.exists()
+        ):  # killed before the first checkpoint was complete: nothing to resume, nothing lost
             assert not list((run_dir / "checkpoints").glob("last*"))
         else:
             assert_killed_cleanly(run_dir, tmpdir)
@@ -183,22 +221,35 @@ def test_sigkills_at_many_points_of_the_saves_leave_a_checkpoint_that_resumes_bi
         subprocess.run(["rm", "-rf", str(run_dir)])
 
 
-@pytest.mark.parametrize("size, fits", [("3m", 0), pytest.param("9m", 1, marks=pytest.mark.slow)],
-                         ids=["no checkpoint fits", "one checkpoint fits"])  # the disk that fills during training covers the second
-def test_training_into_a_run_dir_too_small_for_the_next_checkpoint_is_one_line_and_keeps_the_last(python, tmpfs, tmp_path, size, fits):
+@pytest.mark.parametrize(
+    "size, fits",
+    [("3m", 0), pytest.param("9m", 1, marks=pytest.mark.slow)],
+    ids=["no checkpoint fits", "one checkpoint fits"],
+)  # the disk that fills during training covers the second
+def test_training_into_a_run_dir_too_small_for_the_next_checkpoint_is_one_line_and_keeps_the_last(
+    python, tmpfs, tmp_path, size, fits
+):
     """The smoke run's checkpoints are 6.1 MB: on 3 MB none fits, on 9 MB the first does and the second (beside it until
     it replaces it) does not. One line, exit 2, no traceback, and no unloadable file either way."""
     fs = tmpfs(size)
     root = make_cifar(tmp_path / "cifar", n_train=20)
     run_dir = fs / "run"
-    p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=3", "callbacks.sample_grid.n_per_class=1"),
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        train_cmd(python, root, run_dir, "trainer.max_epochs=3", "callbacks.sample_grid.n_per_class=1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, p.stderr[-3000:]
-    assert lines[-1].startswith(f"error: cannot write a checkpoint to {run_dir / 'checkpoints' / 'last.ckpt'}: the disk is full (it needs ")
+    assert lines[-1].startswith(
+        f"error: cannot write a checkpoint to {run_dir / 'checkpoints' / 'last.ckpt'}: the disk is full (it needs "
+    )
     assert "Traceback" not in p.stderr + p.stdout
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert last.exists() == bool(fits) and (not fits or load(last)["global_step"] == 10)  # the first epoch (10 steps), whole
+    assert last.exists() == bool(fits) and (
+        not fits or load(last)["global_step"] == 10
+    )  # the first epoch (10 steps), whole
     assert not list(fs.rglob(f"*{files.TMP_MARK}*"))
 
 
@@ -207,8 +258,12 @@ def test_a_disk_that_fills_during_training_ends_in_one_line_and_the_checkpoint_l
     root = make_cifar(tmp_path / "cifar", n_train=20)
     run_dir = fs / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=50", "callbacks.sample_grid.n_per_class=1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(python, root, run_dir, "trainer.max_epochs=50", "callbacks.sample_grid.n_per_class=1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: last.is_file() or proc.poll() is not None)
     fill(fs)  # the next write (a grid, the CSV log, a checkpoint) finds no room
     out, err = proc.communicate(timeout=300)
@@ -224,15 +279,46 @@ def test_a_full_disk_during_a_sample_grid_and_during_an_evaluation(python, smoke
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     fs = tmpfs("1m")
     fill(fs, leave=8192)
-    p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={ckpt}", "n=16", f"out={fs / 'samples'}", "sampler=ddim", "sampler.steps=2",
-                        f"hydra.run.dir={tmp_path / 'sample_run'}"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "sample.py"),
+            f"ckpt={ckpt}",
+            "n=16",
+            f"out={fs / 'samples'}",
+            "sampler=ddim",
+            "sampler.steps=2",
+            f"hydra.run.dir={tmp_path / 'sample_run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1].startswith("error: cannot write ") and "the disk is full" in p.stderr
-    p = subprocess.run([python, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"data.root={root}", f"metrics.inception_weights={detector_file}",
-                        "metrics.num_samples=10", "metrics.batch_size=10", "metrics.reference_images=20", f"metrics.cache_dir={fs / 'cache'}",
-                        "logger=csv", "sampler=ddim", "sampler.steps=2", f"hydra.run.dir={tmp_path / 'eval_run'}"],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "evaluate.py"),
+            f"ckpt={ckpt}",
+            f"data.root={root}",
+            f"metrics.inception_weights={detector_file}",
+            "metrics.num_samples=10",
+            "metrics.batch_size=10",
+            "metrics.reference_images=20",
+            f"metrics.cache_dir={fs / 'cache'}",
+            "logger=csv",
+            "sampler=ddim",
+            "sampler.steps=2",
+            f"hydra.run.dir={tmp_path / 'eval_run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot write the reference statistics (cache) to ") and "the disk is full" in last, last
+    assert last.startswith("error: cannot write the reference statistics (cache) to ") and "the disk is full" in last, (
+        last
+    )
     assert not list(fs.rglob(f"*{files.TMP_MARK}*"))

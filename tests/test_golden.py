@@ -21,9 +21,16 @@ def test_a_checkpoint_from_before_the_redesign_samples_its_golden_images(name):
     module = load_checkpoint(str(CHECKPOINTS[name]), "cpu")
     conditional = module.hparams.conditional
     labels = torch.arange(len(module.hparams.class_names)) if conditional else None
-    images = module.sample(n=4, labels=labels, w=GOLDEN["w"] if conditional else None, sampler=dict(GOLDEN["sampler"]),
-                           generator=torch.Generator().manual_seed(GOLDEN["seed"]))
+    images = module.sample(
+        n=4,
+        labels=labels,
+        w=GOLDEN["w"] if conditional else None,
+        sampler=dict(GOLDEN["sampler"]),
+        generator=torch.Generator().manual_seed(GOLDEN["seed"]),
+    )
     golden = GOLDEN["images"][name]
     assert images.dtype == torch.uint8 and images.shape == golden.shape
     diff = (images.int() - golden.int()).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"{int((diff > 0).sum())} values differ, up to {int(diff.max())}"
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (
+        f"{int((diff > 0).sum())} values differ, up to {int(diff.max())}"
+    )

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import SHARED, natural_images, random_detector_state
 from torchmetrics import MetricCollection
 
-from conftest import SHARED, natural_images, random_detector_state
 from ddpm_lightning import metrics
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.testing import tiny_module
@@ -36,9 +36,11 @@ def noisy(images, level, seed=1):
 def test_fid_of_a_set_against_itself_is_zero_and_rises_with_noise(detector):
     images = natural_images(20)
     reference = metrics.statistics(metrics.extract(detector, images)[0])
-    fids = [metrics.fid(metrics.extract(detector, noisy(images, level))[0], reference) for level in (0.0, 0.05, 0.15, 0.4)]
+    fids = [
+        metrics.fid(metrics.extract(detector, noisy(images, level))[0], reference) for level in (0.0, 0.05, 0.15, 0.4)
+    ]
     assert abs(fids[0]) < 1e-3
-    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
 
 
 def test_fid_and_is_equal_torch_fidelity(detector, detector_file):
@@ -55,10 +57,22 @@ def test_fid_and_is_equal_torch_fidelity(detector, detector_file):
         def __getitem__(self, i):
             return self.x[i]
 
-    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, isc=True, kid=True, prc=True, cuda=False,
-                                              batch_size=30, verbose=False, feature_extractor_weights_path=str(detector_file),
-                                              kid_subsets=10, kid_subset_size=20,
-                                              feature_extractor="inception-v3-compat", feature_layer_prc="2048")  # prc on pool3, as ours
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(a),
+        input2=Images(b),
+        fid=True,
+        isc=True,
+        kid=True,
+        prc=True,
+        cuda=False,
+        batch_size=30,
+        verbose=False,
+        feature_extractor_weights_path=str(detector_file),
+        kid_subsets=10,
+        kid_subset_size=20,
+        feature_extractor="inception-v3-compat",
+        feature_layer_prc="2048",
+    )  # prc on pool3, as ours
     ours = metrics.score_real(detector, reference_of(detector, b), a, SETTINGS, batch_size=7)
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-3)
@@ -83,12 +97,17 @@ def test_resampling_formulas_give_the_full_sample_values_for_the_sample_itself()
         assert full.item() == pytest.approx(metrics.fid(features, reference), rel=1e-4)
     counts = torch.tensor([[2.0] + [1.0] * 38 + [0.0]])  # item 0 twice, item 39 not at all
     resample = torch.cat([features[:1], features[:39]])
-    assert metrics.fid_of_resamples(features, counts, reference).item() == pytest.approx(metrics.fid(resample, reference), rel=1e-4)
+    assert metrics.fid_of_resamples(features, counts, reference).item() == pytest.approx(
+        metrics.fid(resample, reference), rel=1e-4
+    )
     # the KID resample statistic: pairs of positions, duplicates included
     k = metrics.polynomial_kernel
-    direct = (k(resample, resample).double().sum() - k(resample, resample).double().diagonal().sum()) / (40 * 39) \
-        - 2 * k(resample, reference_features).double().mean()
-    assert metrics.kid_of_resamples(features, counts, reference_features, chunk=16).item() == pytest.approx(direct.item(), rel=1e-6)
+    direct = (k(resample, resample).double().sum() - k(resample, resample).double().diagonal().sum()) / (
+        40 * 39
+    ) - 2 * k(resample, reference_features).double().mean()
+    assert metrics.kid_of_resamples(features, counts, reference_features, chunk=16).item() == pytest.approx(
+        direct.item(), rel=1e-6
+    )
 
 
 def test_bootstrap_intervals_contain_the_value_and_halve_with_four_times_n():
@@ -96,8 +115,9 @@ def test_bootstrap_intervals_contain_the_value_and_halve_with_four_times_n():
     reference = {**metrics.statistics(reference_features), "features": reference_features}
     widths = {}
     for n in (200, 800):
-        collection = MetricCollection({"fid": metrics.FID(reference, 400, 0, dim=16),
-                                               "kid": metrics.KID(reference_features, 20, 100, 400, 0)})
+        collection = MetricCollection(
+            {"fid": metrics.FID(reference, 400, 0, dim=16), "kid": metrics.KID(reference_features, 20, 100, 400, 0)}
+        )
         collection.update(pool=gaussian_features(n, seed=n), index=torch.arange(n))
         out = collection.compute()
         assert out["fid_ci95"][0] < out["fid"] < out["fid_ci95"][1]
@@ -124,9 +144,18 @@ def test_weights_without_classifier_give_fid_and_no_is(tmp_path):
     detector = metrics.load_inception(str(path))
     assert detector.is_unavailable.startswith("Inception Score unavailable: the detector weights")
     m = tiny_module(schedule=dict(T=10))
-    scores, preview = metrics.evaluate(m, detector, reference_of(detector, natural_images(10)), num_samples=4, w=0.0,
-                                       settings={**SETTINGS, "kid_subset_size": 100}, batch_size=4)
-    assert scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0 and scores["kid_mean"] is not None
+    scores, preview = metrics.evaluate(
+        m,
+        detector,
+        reference_of(detector, natural_images(10)),
+        num_samples=4,
+        w=0.0,
+        settings={**SETTINGS, "kid_subset_size": 100},
+        batch_size=4,
+    )
+    assert (
+        scores["is_mean"] is None and scores["is_std"] is None and scores["fid"] > 0 and scores["kid_mean"] is not None
+    )
     assert preview.shape == (4, 3, 32, 32)
 
 
@@ -150,12 +179,15 @@ def test_the_shared_pool3_only_weights_load():
     assert not detector.has_classifier and detector.is_unavailable
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    (b"garbage", "cannot load metrics.inception_weights"),
-    ("pickled callable", "cannot load metrics.inception_weights"),
-    ({"fc.weight": torch.zeros(1)}, "do not fit torch-fidelity's layout"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"garbage", "cannot load metrics.inception_weights"),
+        ("pickled callable", "cannot load metrics.inception_weights"),
+        ({"fc.weight": torch.zeros(1)}, "do not fit torch-fidelity's layout"),
+    ],
+)
 def test_bad_detector_weights(tmp_path, content, message):
     path = tmp_path / "w.pth"
     if isinstance(content, bytes):
@@ -172,8 +204,16 @@ def test_second_evaluation_computes_no_reference_features(detector, tmp_path, mo
     calls = []
     real_extract = metrics.extract
     progress, real_bar = [], metrics.progress_bar
-    monkeypatch.setattr(metrics.reference, "extract", lambda d, x, bs=250, progress=None: calls.append(len(x)) or real_extract(d, x, bs, progress))
-    monkeypatch.setattr(metrics.detector, "progress_bar", lambda description, total: progress.append((description, total)) or real_bar(None, total))
+    monkeypatch.setattr(
+        metrics.reference,
+        "extract",
+        lambda d, x, bs=250, progress=None: calls.append(len(x)) or real_extract(d, x, bs, progress),
+    )
+    monkeypatch.setattr(
+        metrics.detector,
+        "progress_bar",
+        lambda description, total: progress.append((description, total)) or real_bar(None, total),
+    )
     images, key = natural_images(12), dict(classes=["cat"], split="train", detector="random")
     first = metrics.reference_statistics(detector, images, key, tmp_path)
     assert calls == [12]
@@ -200,8 +240,9 @@ def _scores(detector_file):
     m = tiny_module(True, ["cat", "dog"], schedule=dict(T=10), sampler=dict(name="ddim", steps=3))
     detector = metrics.load_inception(str(detector_file))
     reference = reference_of(detector, natural_images(16))
-    scores, preview = metrics.evaluate(m, detector, reference, num_samples=10, w=1.0, settings={**SETTINGS, "kid_subset_size": 8},
-                                       batch_size=5)  # two chunks: over three ranks, one rank makes none
+    scores, preview = metrics.evaluate(
+        m, detector, reference, num_samples=10, w=1.0, settings={**SETTINGS, "kid_subset_size": 8}, batch_size=5
+    )  # two chunks: over three ranks, one rank makes none
     return {**scores, "preview_sum": preview.sum().item(), "preview_len": len(preview)}
 
 
@@ -233,7 +274,9 @@ class StubModel:
     def __init__(self, num_classes: int = 3, shift: int = 0, copies: torch.Tensor | None = None):
         from types import SimpleNamespace
 
-        self.hparams = SimpleNamespace(class_names=[f"class{k}" for k in range(num_classes)], conditional=True, image_size=32)
+        self.hparams = SimpleNamespace(
+            class_names=[f"class{k}" for k in range(num_classes)], conditional=True, image_size=32
+        )
         self.device, self.shift, self.copies = torch.device("cpu"), shift, copies
 
     def sample(self, n, labels, w, sampler, generator, batch_size):
@@ -248,7 +291,9 @@ def colour_reference(detector, tmp_path, n: int = 30, train: torch.Tensor | None
     g = torch.Generator().manual_seed(5)
     labels = torch.arange(n) % 3
     images = colour_images(labels, g)
-    reference = metrics.reference_statistics(detector, images, dict(classes=["a", "b", "c"], split="train", detector="random"), tmp_path)
+    reference = metrics.reference_statistics(
+        detector, images, dict(classes=["a", "b", "c"], split="train", detector="random"), tmp_path
+    )
     reference["probe"] = metrics.class_probe(reference["features"], labels, 3, reference["name"], tmp_path)
     if train is not None:
         reference["train_images"] = train
@@ -261,16 +306,24 @@ def test_the_class_probe_learns_separable_features_and_is_cached_under_the_refer
     labels = torch.arange(500) % 5
     features = centres[labels] + torch.randn(500, 64, generator=g)
     probe = metrics.class_probe(features, labels, 5, "abc", tmp_path)
-    assert (tmp_path / "probe_abc.pt").is_file() and probe["held_out_acc"] == 1.0 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert (
+        (tmp_path / "probe_abc.pt").is_file()
+        and probe["held_out_acc"] == 1.0
+        and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    )
     test = centres[labels[:100]] + torch.randn(100, 64, generator=g)
     assert (metrics.probe_classes(probe, test) == labels[:100]).float().mean() > 0.97
     monkeypatch.setattr(metrics.probe, "fit_probe", lambda *a, **k: pytest.fail("refitted a cached probe"))
     again = metrics.class_probe(features, labels, 5, "abc", tmp_path)
     assert torch.equal(again["weight"], probe["weight"])
     monkeypatch.undo()
-    other = metrics.class_probe(features, labels.flip(0), 5, "abc", tmp_path)  # other labels under the same name: fitted again
+    other = metrics.class_probe(
+        features, labels.flip(0), 5, "abc", tmp_path
+    )  # other labels under the same name: fitted again
     assert other["labels_sha1"] != probe["labels_sha1"]
-    noise = metrics.fit_probe(torch.randn(500, 64, generator=g), labels, 5)  # nothing to learn: chance on held-out images
+    noise = metrics.fit_probe(
+        torch.randn(500, 64, generator=g), labels, 5
+    )  # nothing to learn: chance on held-out images
     assert noise["held_out_acc"] < 0.4
 
 
@@ -283,7 +336,9 @@ def test_class_agreement_is_high_for_images_of_the_asked_class_and_low_otherwise
     assert wrong["class_acc"] <= 0.1
     g = torch.Generator().manual_seed(9)
     test_labels = torch.arange(15) % 3
-    floor = metrics.floor(detector, reference, colour_images(test_labels, g), 15, settings, tmp_path, 15, test_labels=test_labels)
+    floor = metrics.floor(
+        detector, reference, colour_images(test_labels, g), 15, settings, tmp_path, 15, test_labels=test_labels
+    )
     assert floor["class_acc"] >= 0.9  # real held-out images: the probe's own accuracy at this N
 
 
@@ -320,8 +375,12 @@ def _class_and_copy_scores(detector_file, cache):
     train = natural_images(60, seed=3)
     reference = colour_reference(detector, cache, train=train)
     settings = {**SETTINGS, "kid_subset_size": 10}
-    noisy_labels = metrics.evaluate(StubModel(), detector, reference, 10, 1.0, settings, batch_size=4)[0]  # 3 chunks over 2 ranks
-    copies = metrics.evaluate(StubModel(copies=train[:30]), detector, reference, 4, 1.0, settings, batch_size=4)[0]  # rank 1 makes none
+    noisy_labels = metrics.evaluate(StubModel(), detector, reference, 10, 1.0, settings, batch_size=4)[
+        0
+    ]  # 3 chunks over 2 ranks
+    copies = metrics.evaluate(StubModel(copies=train[:30]), detector, reference, 4, 1.0, settings, batch_size=4)[
+        0
+    ]  # rank 1 makes none
     return {"right": noisy_labels, "copies": copies}
 
 
@@ -332,8 +391,22 @@ def test_two_ranks_give_the_single_process_scores_with_class_agreement_and_memor
     ddp = json.loads(out.read_text())
     for case in ("right", "copies"):
         assert set(ddp[case]) == set(single[case])
-        for key in ("class_acc", "class_acc_ci95", "memorized", "memorized_ci95", "nn_ratio_median", "fid", "precision", "recall"):
+        for key in (
+            "class_acc",
+            "class_acc_ci95",
+            "memorized",
+            "memorized_ci95",
+            "nn_ratio_median",
+            "fid",
+            "precision",
+            "recall",
+        ):
             assert ddp[case][key] == pytest.approx(single[case][key], rel=1e-6), (case, key)
-        for key in ("fid_ci95", "kid_mean", "kid_std", "kid_ci95"):  # the ranks run Inception on one thread: features equal to ~1e-6
+        for key in (
+            "fid_ci95",
+            "kid_mean",
+            "kid_std",
+            "kid_ci95",
+        ):  # the ranks run Inception on one thread: features equal to ~1e-6
             assert ddp[case][key] == pytest.approx(single[case][key], rel=1e-4), (case, key)
     assert single["right"]["class_acc"] >= 0.9 and single["copies"]["memorized"] == 1.0

@@ -7,15 +7,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from conftest import ROOT
 from ddpm_lightning import schema
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import build_schedule
 from ddpm_lightning.module import lr_factor
-from ddpm_lightning.testing import tiny_module
 from ddpm_lightning.nets.unet import SelfAttention, UNet
+from ddpm_lightning.testing import tiny_module
 
 NET = dict(width=8, emb_dim=32, heads=2)
 
@@ -27,15 +27,20 @@ def module(lr=1e-3, **recipe):
 def attention_resolutions_of(net: UNet) -> list[int]:
     """The resolutions at which the net's blocks run self-attention, read off a forward pass on 32x32 inputs."""
     seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1])) for m in net.modules() if isinstance(m, SelfAttention)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+        for m in net.modules()
+        if isinstance(m, SelfAttention)
+    ]
     net(torch.randn(1, 3, 32, 32), torch.tensor([3]))
     for h in hooks:
         h.remove()
     return seen
 
 
-@pytest.mark.parametrize("attention, expected", [((32, 16, 8, 4), [16, 8, 4, 8, 16, 32]), ((8, 4), [8, 4, 8]), ((16,), [16, 16]),
-                                                 ((), [])])
+@pytest.mark.parametrize(
+    "attention, expected", [((32, 16, 8, 4), [16, 8, 4, 8, 16, 32]), ((8, 4), [8, 4, 8]), ((16,), [16, 16]), ((), [])]
+)
 def test_attention_runs_only_at_the_named_resolutions(attention, expected):
     assert attention_resolutions_of(UNet(**NET, attention=attention)) == expected
 
@@ -93,9 +98,19 @@ def fit(tmp_path, cifar_root, steps=12, clip=None, **kw):
     torch.manual_seed(0)
     norms, lrs = GradNorm(), LearningRateMonitor(logging_interval="step")
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
-    trainer = L.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, log_every_n_steps=1, callbacks=[norms, lrs], gradient_clip_val=clip,
-                        enable_progress_bar=False, max_epochs=-1)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=logger,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        callbacks=[norms, lrs],
+        gradient_clip_val=clip,
+        enable_progress_bar=False,
+        max_epochs=-1,
+    )
     m = module(**kw)
     trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))
     return trainer, norms.norms, logger
@@ -122,7 +137,9 @@ def test_gradient_clipping_caps_the_norm_the_optimizer_sees(tmp_path, cifar_root
 def test_dropout_sits_in_the_residual_blocks_and_only_acts_in_training():
     net = UNet(**NET, dropout=0.5)
     drops = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Dropout)]
-    assert len(drops) == 6 and all(".conv.0.double_conv" in n or ".conv.1.double_conv" in n for n in drops)  # each Down/Up's residual DoubleConv
+    assert len(drops) == 6 and all(
+        ".conv.0.double_conv" in n or ".conv.1.double_conv" in n for n in drops
+    )  # each Down/Up's residual DoubleConv
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 9])
     net.train()
     assert not torch.equal(net(x, t), net(x, t))
@@ -135,9 +152,17 @@ def test_adam_betas_and_weight_decay_reach_the_optimizer():
     m = module(betas=(0.8, 0.95), weight_decay=0.01)
     m.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     opt = m.configure_optimizers()
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["weight_decay"] == 0.01
+    assert (
+        isinstance(opt, torch.optim.AdamW)
+        and opt.defaults["betas"] == (0.8, 0.95)
+        and opt.defaults["weight_decay"] == 0.01
+    )
     paper = module().configure_optimizers()
-    assert type(paper) is torch.optim.Adam and paper.defaults["betas"] == (0.9, 0.999) and paper.defaults["weight_decay"] == 0
+    assert (
+        type(paper) is torch.optim.Adam
+        and paper.defaults["betas"] == (0.9, 0.999)
+        and paper.defaults["weight_decay"] == 0
+    )
 
 
 def compose(*overrides):
@@ -148,8 +173,15 @@ def compose(*overrides):
 def test_the_paper_presets_leave_every_lever_off(model):
     cfg = compose(f"model={model}")
     r = cfg.recipe
-    assert (r.loss_weighting, r.warmup_steps, r.lr_decay, r.grad_clip, r.dropout, list(r.betas), r.weight_decay) == \
-        ("none", 0, "constant", None, 0.0, [0.9, 0.999], 0.0)
+    assert (r.loss_weighting, r.warmup_steps, r.lr_decay, r.grad_clip, r.dropout, list(r.betas), r.weight_decay) == (
+        "none",
+        0,
+        "constant",
+        None,
+        0.0,
+        [0.9, 0.999],
+        0.0,
+    )
     assert list(cfg.net.attention) == [32, 16, 8, 4] and cfg.model.lr == 1e-3
 
 
@@ -159,48 +191,108 @@ def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
         assert list(cfg.net.attention) == [8, 4], experiment
         assert (cfg.sampler.name, cfg.sampler.eta) == ("ddim", 1.0), experiment
     assert compose("experiment=paper_cpu").recipe.loss_weighting == "none"  # paper_cpu keeps the paper's recipe
-    assert compose("experiment=cars_cpu").recipe.loss_weighting == "none"  # recipe=fast lost the study (docs/results/recipes_cpu)
+    assert (
+        compose("experiment=cars_cpu").recipe.loss_weighting == "none"
+    )  # recipe=fast lost the study (docs/results/recipes_cpu)
     assert compose("recipe=fast").recipe.loss_weighting == "min_snr"
 
 
-@pytest.mark.parametrize("attention, runs_at", [("[8,4]", [8, 4, 8]),
-                                                pytest.param("[32,16,8,4]", [16, 8, 4, 8, 16, 32], marks=pytest.mark.slow)],  # 25 s each
-                         ids=["fast", "paper"])
-def test_checkpoints_record_the_attention_and_the_levers(python, tmp_path, cifar_root, detector_file, attention, runs_at):
+@pytest.mark.parametrize(
+    "attention, runs_at",
+    [("[8,4]", [8, 4, 8]), pytest.param("[32,16,8,4]", [16, 8, 4, 8, 16, 32], marks=pytest.mark.slow)],  # 25 s each
+    ids=["fast", "paper"],
+)
+def test_checkpoints_record_the_attention_and_the_levers(
+    python, tmp_path, cifar_root, detector_file, attention, runs_at
+):
     """A checkpoint of either placement rebuilds its own net in load_checkpoint, sample.py and evaluate.py."""
     from ddpm_lightning.module import load_checkpoint
 
     run_dir = tmp_path / "run"
-    p = subprocess.run([python, str(ROOT / "train.py"), "experiment=smoke", f"data.root={cifar_root}", "data.classes=[cat,ship]",
-                        "data.max_images=null", "data.batch_size=8", "trainer.max_epochs=1", "logger=csv", "recipe=fast",
-                        "recipe.dropout=0.1", f"net.attention={attention}", f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "train.py"),
+            "experiment=smoke",
+            f"data.root={cifar_root}",
+            "data.classes=[cat,ship]",
+            "data.max_images=null",
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "logger=csv",
+            "recipe=fast",
+            "recipe.dropout=0.1",
+            f"net.attention={attention}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     m = load_checkpoint(str(ckpt), device="cpu")
     assert attention_resolutions_of(m.net) == runs_at
     assert tuple(m.hparams.recipe[k] for k in ("loss_weighting", "lr_decay", "dropout")) == ("min_snr", "cosine", 0.1)
-    p = subprocess.run([python, str(ROOT / "sample.py"), f"ckpt={ckpt}", "n=2", f"out={tmp_path / 'samples'}", "sampler=ddim", "sampler.steps=2"],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "sample.py"),
+            f"ckpt={ckpt}",
+            "n=2",
+            f"out={tmp_path / 'samples'}",
+            "sampler=ddim",
+            "sampler.steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and (tmp_path / "samples" / "grid.png").is_file(), p.stderr[-3000:]
-    p = subprocess.run([python, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"data.root={cifar_root}", f"metrics.inception_weights={detector_file}",
-                        "metrics.num_samples=10", "metrics.batch_size=10", "metrics.reference_images=20", f"metrics.cache_dir={tmp_path / 'cache'}",
-                        "logger=csv", "sampler=ddim", "sampler.steps=2", f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "evaluate.py"),
+            f"ckpt={ckpt}",
+            f"data.root={cifar_root}",
+            f"metrics.inception_weights={detector_file}",
+            "metrics.num_samples=10",
+            "metrics.batch_size=10",
+            "metrics.reference_images=20",
+            f"metrics.cache_dir={tmp_path / 'cache'}",
+            "logger=csv",
+            "sampler=ddim",
+            "sampler.steps=2",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and (tmp_path / "eval" / "results.json").is_file(), p.stderr[-3000:]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("net.attention=[8,3]", "net.attention=[8, 3] must be distinct resolutions of the net's blocks; choose from 32, 16, 8, 4"),
-    ("recipe.loss_weighting=snr", "recipe.loss_weighting=snr is not one of none, min_snr"),
-    ("recipe.lr_decay=step", "recipe.lr_decay=step is not one of constant, cosine"),
-    ("recipe.grad_clip=0", "recipe.grad_clip=0.0 must be > 0"),
-    ("recipe.betas=[0.9]", "recipe.betas=[0.9] must be two numbers in [0, 1)"),
-    ("recipe.dropout=1.0", "recipe.dropout=1.0 must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "net.attention=[8,3]",
+            "net.attention=[8, 3] must be distinct resolutions of the net's blocks; choose from 32, 16, 8, 4",
+        ),
+        ("recipe.loss_weighting=snr", "recipe.loss_weighting=snr is not one of none, min_snr"),
+        ("recipe.lr_decay=step", "recipe.lr_decay=step is not one of constant, cosine"),
+        ("recipe.grad_clip=0", "recipe.grad_clip=0.0 must be > 0"),
+        ("recipe.betas=[0.9]", "recipe.betas=[0.9] must be two numbers in [0, 1)"),
+        ("recipe.dropout=1.0", "recipe.dropout=1.0 must be in [0, 1)"),
+    ],
+)
 def test_bad_lever_settings_are_one_line(override, message):
     from ddpm_lightning import schema
     from ddpm_lightning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ):
         schema.check(compose(override), "config")
 
 

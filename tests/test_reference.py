@@ -67,7 +67,9 @@ def assert_every_step_equal(scheduler, ours, **step_kw):
         (x, state), (expected, _) = ours[k], ours[k + 1]
         g.set_state(state)
         x_next = scheduler.step(eps_fn(x, t.expand(x.shape[0])), t, x, generator=g, **step_kw).prev_sample
-        torch.testing.assert_close(x_next, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {k} (t={int(t)}): {m}")
+        torch.testing.assert_close(
+            x_next, expected, rtol=1e-5, atol=1e-5, msg=lambda m, k=k, t=t: f"step {k} (t={int(t)}): {m}"
+        )
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -87,7 +89,9 @@ def test_ancestral_equals_ddpm_scheduler(variance, variance_type):
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("steps, eta", [(50, 0.0), (10, 1.0), (25, 0.5)])
 def test_ddim_equals_ddim_scheduler(kind, steps, eta):
-    ours, ref = float64_pair(diffusers.DDIMScheduler, kind, steps, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    ours, ref = float64_pair(
+        diffusers.DDIMScheduler, kind, steps, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"
+    )
     assert ref.timesteps.tolist() == timesteps(T, steps, "uniform")
     assert_every_step_equal(ref, trajectory(ddim, ours, x_T(), 1, steps=steps, eta=eta), eta=eta)
 
@@ -96,8 +100,15 @@ def test_ddim_equals_ddim_scheduler(kind, steps, eta):
 @pytest.mark.parametrize("steps", [10, 20, 50])
 @pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
 def test_dpm_solver_equals_dpm_solver_multistep_scheduler(kind, steps, spacing):
-    ours, ref = float64_pair(diffusers.DPMSolverMultistepScheduler, kind, steps, spacing, algorithm_type="dpmsolver++",
-                             solver_order=2, final_sigmas_type="zero")
+    ours, ref = float64_pair(
+        diffusers.DPMSolverMultistepScheduler,
+        kind,
+        steps,
+        spacing,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
     assert_every_step_equal(ref, trajectory(dpm_solver, ours, x_T(), 1, steps=steps, spacing=spacing))
 
 

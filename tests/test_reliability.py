@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import ROOT, make_cifar
+
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.errors import ConfigError, NonFiniteLoss
 from ddpm_lightning.module import load_checkpoint
@@ -20,13 +20,34 @@ from ddpm_lightning.testing import tiny_module
 
 
 def train_cmd(python, root, run_dir, *extra):
-    return [python, str(ROOT / "train.py"), "experiment=smoke", "model=improved", f"data.root={root}", "data.classes=[automobile,cat]",
-            "data.max_images=null", "data.batch_size=4", "trainer.check_val_every_n_epoch=2", "logger=csv",
-            *LEVERS, f"hydra.run.dir={run_dir}", *extra]
+    return [
+        python,
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        "model=improved",
+        f"data.root={root}",
+        "data.classes=[automobile,cat]",
+        "data.max_images=null",
+        "data.batch_size=4",
+        "trainer.check_val_every_n_epoch=2",
+        "logger=csv",
+        *TINY_NET,
+        *LEVERS,
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
+# the smallest net that has every part (attention, class embedding): resume is about the loop, not the width
+TINY_NET = ["net.width=4", "net.emb_dim=16", "net.heads=2", "net.attention=[4]"]
 # every training lever on (Min-SNR weights, warm-up and cosine decay, clipping, dropout, AdamW): resume stays bit-exact
-LEVERS = ["recipe=fast", "recipe.warmup_steps=30", "recipe.dropout=0.1", "recipe.weight_decay=0.01", "recipe.betas=[0.9,0.99]"]
+LEVERS = [
+    "recipe=fast",
+    "recipe.warmup_steps=30",
+    "recipe.dropout=0.1",
+    "recipe.weight_decay=0.01",
+    "recipe.betas=[0.9,0.99]",
+]
 
 
 def load(path):
@@ -62,7 +83,9 @@ def reference_run(tmp_path_factory, python):
     """An uninterrupted run: 4 epochs of 50 steps."""
     tmp = tmp_path_factory.mktemp("reliability")
     root = make_cifar(tmp / "cifar", n_train=100)
-    p = subprocess.run(train_cmd(python, root, tmp / "reference", "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        train_cmd(python, root, tmp / "reference", "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return root, load(tmp / "reference" / "checkpoints" / "last.ckpt"), csv_rows(tmp / "reference")
 
@@ -78,17 +101,23 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(python, reference_run,
     root, reference, rows = reference_run
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(python, root, run_dir, "trainer.max_epochs=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for(lambda: epoch_of(last) >= 0 or proc.poll() is not None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load(last)["global_step"]
     assert killed_at % 50 == 0 and killed_at < 200  # an epoch-boundary checkpoint, before the end
-    p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        train_cmd(python, root, run_dir, "trainer.max_epochs=4"), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming from {last}" in p.stdout + p.stderr
     assert_same_training_state(load(last), reference)
-    assert csv_rows(run_dir) == rows  # the log too: the rows before the kill kept, none twice (Lightning's CSVLogger deleted them)
+    assert (
+        csv_rows(run_dir) == rows
+    )  # the log too: the rows before the kill kept, none twice (Lightning's CSVLogger deleted them)
 
 
 SIGNAL_AT_STEP = """import os, runpy, signal, sys
@@ -113,13 +142,22 @@ def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, re
     root, reference, rows = reference_run
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    p = subprocess.run(signal_at_step(python, 70, train_cmd(python, root, run_dir, "trainer.max_epochs=4")), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        signal_at_step(python, 70, train_cmd(python, root, run_dir, "trainer.max_epochs=4")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 128 + signal.SIGTERM, out[-3000:]  # saved and stopped, not "completed"
     assert "SIGTERM after step 71 (epoch 1)" in out and "; not requeued (SIGTERM: scancel" in out
     assert load(last)["global_step"] == 71  # mid-epoch: 50 steps an epoch
-    p = subprocess.run(train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training_state(load(last), reference)  # 200 steps in all, each batch and noise draw exactly once
     assert csv_rows(run_dir) == rows
@@ -130,9 +168,11 @@ def test_checkpoints_survive_kills_while_being_written(python, tmp_path):
     """Lightning's checkpoint writer (used by the trainer) is killed at random moments while it writes; what is left
     at last.ckpt always loads and is a whole checkpoint."""
     path = tmp_path / "last.ckpt"
-    script = ("import sys, torch\nfrom lightning.pytorch.plugins.io import TorchCheckpointIO\nio = TorchCheckpointIO()\ni = 0\n"
-              "print('ready', flush=True)\n"
-              "while True:\n    io.save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1]); i += 1\n")
+    script = (
+        "import sys, torch\nfrom lightning.pytorch.plugins.io import TorchCheckpointIO\nio = TorchCheckpointIO()\ni = 0\n"
+        "print('ready', flush=True)\n"
+        "while True:\n    io.save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1]); i += 1\n"
+    )
     g = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(8):
@@ -173,9 +213,12 @@ class Snapshot(L.Callback):
 def state_of(trainer, pl_module) -> dict:
     ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")._average_model
     opt = trainer.optimizers[0].state_dict()["state"]
-    return {"net": {k: v.clone() for k, v in pl_module.net.state_dict().items()},
-            "optimizer": {(i, k): v.clone() for i, st in opt.items() for k, v in st.items()},
-            "ema": [p.detach().clone() for p in ema.parameters()], "ema_count": ema.n_averaged.clone()}
+    return {
+        "net": {k: v.clone() for k, v in pl_module.net.state_dict().items()},
+        "optimizer": {(i, k): v.clone() for i, st in opt.items() for k, v in st.items()},
+        "ema": [p.detach().clone() for p in ema.parameters()],
+        "ema_count": ema.n_averaged.clone(),
+    }
 
 
 def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
@@ -189,14 +232,26 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(cifar_root, tmp_path):
     m.loss = NaNAfter(m)
     snap, ema = Snapshot(), EMA(0.9)
     ckpt = last_checkpoint(tmp_path / "checkpoints")
-    trainer = L.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[ema, snap, ckpt], gradient_clip_val=1.0)
-    with pytest.raises(NonFiniteLoss, match=r"training stopped at step 9 \(epoch 1\): the loss was not finite for 3 consecutive steps"):
+    trainer = L.Trainer(
+        max_epochs=10,
+        logger=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[ema, snap, ckpt],
+        gradient_clip_val=1.0,
+    )
+    with pytest.raises(
+        NonFiniteLoss, match=r"training stopped at step 9 \(epoch 1\): the loss was not finite for 3 consecutive steps"
+    ):
         trainer.fit(m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=8))
     now, good = state_of(trainer, m), snap.good
     assert all(torch.equal(now["net"][k], good["net"][k]) for k in good["net"])  # no update after the NaNs began
     assert now["optimizer"].keys() == good["optimizer"].keys()
-    assert all(torch.equal(now["optimizer"][k], good["optimizer"][k]) for k in good["optimizer"])  # moments and step counts
+    assert all(
+        torch.equal(now["optimizer"][k], good["optimizer"][k]) for k in good["optimizer"]
+    )  # moments and step counts
     assert all(torch.equal(a, b) for a, b in zip(now["ema"], good["ema"], strict=True))  # the EMA made no update either
     assert int(now["ema_count"]) == int(good["ema_count"]) == 7
     saved = load(tmp_path / "checkpoints" / "last.ckpt")  # the epoch-0 checkpoint is intact
@@ -221,7 +276,10 @@ def bad_input_cases(root, run_dir, corrupt_root):
         (["trainer.foo=1"], "trainer.foo is not a setting; drop it"),
         (["trainer.accelerator=gpu"], "building the run failed: MisconfigurationException:"),
         (["data.batch_size=100000"], "data.batch_size=100000 is larger than the 40 training images"),
-        (["data.root=/nonexistent", "data.download=false"], "CIFAR-10 not found at /nonexistent/cifar-10-batches-py and data.download=false"),
+        (
+            ["data.root=/nonexistent", "data.download=false"],
+            "CIFAR-10 not found at /nonexistent/cifar-10-batches-py and data.download=false",
+        ),
         ([f"data.root={corrupt_root}"], "cannot read CIFAR-10 file"),
         (["ckpt_path=/nonexistent.ckpt"], "checkpoint ckpt_path=/nonexistent.ckpt does not exist"),
         ([f"ckpt_path={ckpt}"], f"checkpoint {ckpt} has conditional=False, this run conditional=True"),
@@ -242,7 +300,10 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(python, simple_run,
         cmd = [*train_cmd(python, root, tmp_path / "out", "trainer.max_epochs=1")[:-1], *default_dir, *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and message in lines[-1], (args, p.stderr[-2000:])
+        assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and message in lines[-1], (
+            args,
+            p.stderr[-2000:],
+        )
         assert not (tmp_path / "out" / "checkpoints").exists(), args
     assert ckpt.read_bytes() == before
 
@@ -263,8 +324,13 @@ def test_crafted_checkpoints_with_pickled_callables_are_refused(tmp_path):
     import lightning
 
     m = tiny_module()
-    valid = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "epoch": 0, "global_step": 0,
-             "pytorch-lightning_version": lightning.__version__}
+    valid = {
+        "state_dict": m.state_dict(),
+        "hyper_parameters": dict(m.hparams),
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+    }
     torch.save(valid, tmp_path / "valid.ckpt")
     assert torch.equal(load_checkpoint(str(tmp_path / "valid.ckpt"), device="cpu").net.outc.weight, m.net.outc.weight)
     marker = tmp_path / "payload_ran"
@@ -289,7 +355,11 @@ def calls_of(source: str, name: str) -> list[str]:
 
 def test_every_torch_load_in_the_project_is_weights_only():
     calls = []
-    for path in [*ROOT.joinpath("ddpm_lightning").rglob("*.py"), *ROOT.glob("*.py"), *ROOT.joinpath("bench").glob("*.py")]:
+    for path in [
+        *ROOT.joinpath("ddpm_lightning").rglob("*.py"),
+        *ROOT.glob("*.py"),
+        *ROOT.joinpath("bench").glob("*.py"),
+    ]:
         for name in ("torch.load", "load_from_checkpoint", "load_state_dict_from_url"):
             calls += [(path.name, call) for call in calls_of(path.read_text(), name)]
     assert len(calls) >= 5 and all("weights_only=True" in call for _, call in calls), calls
@@ -300,7 +370,12 @@ def test_same_seed_same_losses_and_samples(python, tmp_path):
     root = make_cifar(tmp_path / "cifar")
     outs = []
     for name in ("a", "b"):
-        p = subprocess.run(train_cmd(python, root, tmp_path / name, "trainer.max_epochs=2"), capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            train_cmd(python, root, tmp_path / name, "trainer.max_epochs=2"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         losses = [r.split(",")[3] for r in (tmp_path / name / "csv" / "metrics.csv").read_text().splitlines()[1:]]
         outs.append((losses, (tmp_path / name / "samples" / "epoch_0001.png").read_bytes()))

@@ -51,13 +51,16 @@ def test_cosine_schedule_is_valid():
     assert s.alpha_bar[-1].item() < 1e-6
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kind="linear", T=0), "schedule.T=0"),
-    (dict(kind="linear", T=10, beta_1=0.0), r"lie in \(0, 1\)"),
-    (dict(kind="linear", T=10, beta_T=1.5), r"lie in \(0, 1\)"),
-    (dict(kind="linear", T=10, beta_1=0.02, beta_T=1e-4), "must not decrease"),
-    (dict(kind="quadratic", T=10), "schedule.kind"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kind="linear", T=0), "schedule.T=0"),
+        (dict(kind="linear", T=10, beta_1=0.0), r"lie in \(0, 1\)"),
+        (dict(kind="linear", T=10, beta_T=1.5), r"lie in \(0, 1\)"),
+        (dict(kind="linear", T=10, beta_1=0.02, beta_T=1e-4), "must not decrease"),
+        (dict(kind="quadratic", T=10), "schedule.kind"),
+    ],
+)
 def test_bad_schedules_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         build_schedule(**kwargs)

@@ -6,8 +6,8 @@ import subprocess
 import typing
 
 import pytest
-
 from conftest import ROOT
+
 from ddpm_lightning import schema
 from ddpm_lightning.cli import preflight
 
@@ -22,11 +22,22 @@ def files(tmp_path):
     ckpt.write_bytes(b"a checkpoint")
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.pt").write_bytes(b"weights")
-    return {"ckpt": ckpt, "runs": tmp_path / "runs", "weights": tmp_path / "weights.pt", "out": tmp_path / "out", "tmp": tmp_path}
+    return {
+        "ckpt": ckpt,
+        "runs": tmp_path / "runs",
+        "weights": tmp_path / "weights.pt",
+        "out": tmp_path / "out",
+        "tmp": tmp_path,
+    }
 
 
 def required(entry: str, files) -> list[str]:
-    return {"config": [], "evaluate": [f"ckpt={files['ckpt']}"], "sample": [f"ckpt={files['ckpt']}"], "report": [f"runs={files['runs']}"]}[entry]
+    return {
+        "config": [],
+        "evaluate": [f"ckpt={files['ckpt']}"],
+        "sample": [f"ckpt={files['ckpt']}"],
+        "report": [f"runs={files['runs']}"],
+    }[entry]
 
 
 def refused(entry: str, args: list[str], files, capsys) -> str:
@@ -57,7 +68,9 @@ def wrong_value(tp) -> str | None:
 def typed_keys():
     for entry in ENTRIES:
         cfg = schema.compose(entry) if entry == "config" else None
-        yield from ((entry, key, f.type) for key, f in schema.leaves(schema.ENTRY_POINTS[entry], cfg) if wrong_value(f.type))
+        yield from (
+            (entry, key, f.type) for key, f in schema.leaves(schema.ENTRY_POINTS[entry], cfg) if wrong_value(f.type)
+        )
 
 
 def test_every_typed_key_refuses_a_value_of_the_wrong_type(files, capsys):
@@ -86,7 +99,11 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["trainer.accelerator=quantum"], "trainer.accelerator=quantum is not one of auto, cpu"),
     ("config", ["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
     ("config", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 must be >= 1"),
-    ("config", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 must be a fraction in (0, 1] or a whole count > 1"),
+    (
+        "config",
+        ["trainer.limit_val_batches=0"],
+        "trainer.limit_val_batches=0 must be a fraction in (0, 1] or a whole count > 1",
+    ),
     ("config", ["trainer.limit_val_batches=2.5"], "trainer.limit_val_batches=2.5 must be a fraction"),
     ("config", ["trainer.max_time=tomorrow"], "trainer.max_time=tomorrow must be DD:HH:MM:SS"),
     ("config", ["trainer.max_nonfinite=0"], "trainer.max_nonfinite=0 must be >= 1"),
@@ -94,20 +111,36 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["model.lr=0"], "model.lr=0.0 must be > 0"),
     ("config", ["model.lr=inf"], "model.lr=inf must be a finite number"),
     ("config", ["model=improved", "guidance.w=nan"], "guidance.w=nan must be a finite number"),
-    ("config", ["sampler.steps=10"], "sampler.steps is not a setting of this sampler (another sampler=... may have it)"),
+    (
+        "config",
+        ["sampler.steps=10"],
+        "sampler.steps is not a setting of this sampler (another sampler=... may have it)",
+    ),
     ("config", ["seed=1e3"], "seed=1e3: Value '1000.0' of type 'float' could not be converted to Integer"),
     ("config", ["callbacks.ema.decay=1"], "callbacks.ema.decay=1.0 must be in (0, 1)"),
     ("config", ["callbacks.ema.decay=0"], "callbacks.ema.decay=0.0 must be in (0, 1)"),
     ("config", ["callbacks.fid.every_n_epochs=-1"], "callbacks.fid.every_n_epochs=-1 must be >= 0"),
-    ("config", ["callbacks.fid.every_n_epochs=15"], "callbacks.fid.every_n_epochs=15 must be a multiple of trainer.check_val_every_n_epoch=10"),
+    (
+        "config",
+        ["callbacks.fid.every_n_epochs=15"],
+        "callbacks.fid.every_n_epochs=15 must be a multiple of trainer.check_val_every_n_epoch=10",
+    ),
     ("config", ["callbacks.progress.refresh_rate=0"], "callbacks.progress.refresh_rate=0 must be >= 1"),
     ("config", ["callbacks.sample_grid.n_per_class=0"], "callbacks.sample_grid.n_per_class=0 must be >= 1"),
     ("config", ["guidance.p_uncond=1.5"], "guidance.p_uncond=1.5 must be in [0, 1]"),
     ("config", ["model=simple", "guidance.w=2"], "guidance (w=2, p_uncond=0.0) given to the unconditional model"),
     ("config", ["schedule.T=0"], "schedule.T=0 must be >= 1"),
     ("config", ["schedule.beta_T=1.5"], "schedule.beta_T=1.5 must be in (0, 1)"),
-    ("config", ["schedule.beta_1=0.02", "schedule.beta_T=0.001"], "schedule.beta_T=0.001 < schedule.beta_1=0.02: betas must not decrease"),
-    ("config", ["schedule.kind=cosine"], "schedule.beta_1 is not a setting of schedule.kind=cosine; choose it with schedule=cosine"),
+    (
+        "config",
+        ["schedule.beta_1=0.02", "schedule.beta_T=0.001"],
+        "schedule.beta_T=0.001 < schedule.beta_1=0.02: betas must not decrease",
+    ),
+    (
+        "config",
+        ["schedule.kind=cosine"],
+        "schedule.beta_1 is not a setting of schedule.kind=cosine; choose it with schedule=cosine",
+    ),
     ("config", ["schedule=cosine", "schedule.kind=zigzag"], "schedule.kind=zigzag is not one of linear, cosine"),
     ("config", ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0 must be >= 1"),
     ("config", ["sampler=ddim", "sampler.steps=600"], "sampler.steps=600 must be at most schedule.T=500"),
@@ -118,7 +151,11 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["net.width=0"], "net.width=0 must be >= 1"),
     ("config", ["net.heads=3"], "net.heads=3 must divide net.width=64"),
     ("config", ["net.emb_dim=7"], "net.emb_dim=7 must be an even number >= 2"),
-    ("config", ["data.classes=[car]"], "data.classes=['car'] must be a non-empty list of distinct CIFAR-10 classes; choose from airplane, automobile"),
+    (
+        "config",
+        ["data.classes=[car]"],
+        "data.classes=['car'] must be a non-empty list of distinct CIFAR-10 classes; choose from airplane, automobile",
+    ),
     ("config", ["data.classes=[]"], "data.classes=[] must be a non-empty list"),
     ("config", ["data.classes=[cat,cat]"], "data.classes=['cat', 'cat'] must be a non-empty list of distinct"),
     ("config", ["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
@@ -128,17 +165,33 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["metrics.bootstrap=5"], "metrics.bootstrap=5 must be 0 (no intervals) or >= 10 resamples"),
     ("config", ["metrics.kid_subset_size=1"], "metrics.kid_subset_size=1 must be >= 2"),
     ("config", ["metrics.reference_split=val"], "metrics.reference_split=val is not one of train, test"),
-    ("config", ["metrics.inception_weights=/nonexistent.pth"], "metrics.inception_weights=/nonexistent.pth does not exist"),
+    (
+        "config",
+        ["metrics.inception_weights=/nonexistent.pth"],
+        "metrics.inception_weights=/nonexistent.pth does not exist",
+    ),
     ("config", ["paper.models=[fancy]"], "paper.models=fancy is not one of simple, improved"),
     ("config", ["paper.guidance_ws=[]"], "paper.guidance_ws=[] must be a non-empty list of weights >= -1"),
     ("config", ["paper.samples=0"], "paper.samples=0 must be >= 1"),
     ("config", ["logger.wandb.project= "], "logger.wandb.project"),
     ("config", ["seed=-1"], "seed=-1 must be >= 0"),
-    ("config", ["-m", "model.lr=1e-3,-1"], "model.lr=-1.0 must be > 0; set model.lr to a value > 0 [in the sweep job model.lr=-1]"),
-    ("config", ["-m", "trainer.devices=1,0", "model=simple,improved"], "trainer.devices=0 must be a whole number >= 1 or auto"),
+    (
+        "config",
+        ["-m", "model.lr=1e-3,-1"],
+        "model.lr=-1.0 must be > 0; set model.lr to a value > 0 [in the sweep job model.lr=-1]",
+    ),
+    (
+        "config",
+        ["-m", "trainer.devices=1,0", "model=simple,improved"],
+        "trainer.devices=0 must be a whole number >= 1 or auto",
+    ),
     ("config", ["-m", "data=cars,five_class,nope"], "Could not find 'data/nope'"),
     ("evaluate", ["guidance.w=abc"], "guidance.w=abc must be a number >= -1"),
-    ("evaluate", ["guidance.w=[1,2]"], "guidance.w=[1, 2] must be a number >= -1 (w = -1 is the unconditional model); for example guidance.w=2"),
+    (
+        "evaluate",
+        ["guidance.w=[1,2]"],
+        "guidance.w=[1, 2] must be a number >= -1 (w = -1 is the unconditional model); for example guidance.w=2",
+    ),
     ("evaluate", ["metrics.num_samples=0"], "metrics.num_samples=0 must be >= 2"),
     ("evaluate", ["device=gpu7"], "device=gpu7 must be auto, cpu, cuda, cuda:N or mps"),
     ("evaluate", ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0 must be >= 1"),
@@ -157,11 +210,14 @@ def test_bad_values_are_one_line_exit_2_and_write_nothing(files, capsys, entry, 
     assert says in refused(entry, args, files, capsys)
 
 
-@pytest.mark.parametrize("entry, args, says", [
-    ("evaluate", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
-    ("sample", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
-    ("report", ["runs=/nonexistent"], "runs=/nonexistent is not a folder"),
-])
+@pytest.mark.parametrize(
+    "entry, args, says",
+    [
+        ("evaluate", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
+        ("sample", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
+        ("report", ["runs=/nonexistent"], "runs=/nonexistent is not a folder"),
+    ],
+)
 def test_missing_files_are_refused_before_anything_runs(files, capsys, entry, args, says):
     with pytest.raises(SystemExit) as e:
         preflight(entry, [*args, f"hydra.run.dir={files['out']}"])
@@ -173,10 +229,22 @@ def test_the_bad_value_table_is_large_and_covers_every_entry_point():
 
 
 def test_a_sweep_with_a_bad_second_value_starts_no_job(python, tmp_path):
-    p = subprocess.run([python, str(ROOT / "train.py"), "-m", "experiment=smoke", "model.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path / 's'}"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            python,
+            str(ROOT / "train.py"),
+            "-m",
+            "experiment=smoke",
+            "model.lr=1e-3,-1",
+            f"hydra.sweep.dir={tmp_path / 's'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "error: model.lr=-1.0 must be > 0; set model.lr to a value > 0 [in the sweep job model.lr=-1]"]
+        "error: model.lr=-1.0 must be > 0; set model.lr to a value > 0 [in the sweep job model.lr=-1]"
+    ]
     assert not (tmp_path / "s").exists()
 
 
@@ -193,14 +261,18 @@ def test_help_lists_every_key_with_type_default_and_description(entry, capsys):
 
 def test_train_py_help_from_the_command_line(python):
     p = subprocess.run([python, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "model.lr" in p.stdout and "float" in p.stdout and "Adam's learning rate" in p.stdout, p.stderr[-2000:]
+    assert (
+        p.returncode == 0 and "model.lr" in p.stdout and "float" in p.stdout and "Adam's learning rate" in p.stdout
+    ), p.stderr[-2000:]
 
 
 def test_the_settings_tables_in_docs_are_the_schema():
     doc = (ROOT / "docs" / "settings.md").read_text()
     for entry, script in ENTRIES.items():
         table = schema.settings_table(entry)
-        assert table in doc, f"docs/settings.md's table of {script} differs from the schema; paste python -m ddpm_lightning.schema {entry}"
+        assert table in doc, (
+            f"docs/settings.md's table of {script} differs from the schema; paste python -m ddpm_lightning.schema {entry}"
+        )
     assert len(re.findall(r"^\| `", doc, flags=re.M)) >= 100
     assert "docs/settings.md" in (ROOT / "README.md").read_text()
 
@@ -209,8 +281,16 @@ def test_a_library_error_while_building_is_one_line_and_hydra_full_error_shows_t
     from conftest import make_cifar
 
     root = make_cifar(tmp_path / "cifar")
-    cmd = [python, str(ROOT / "train.py"), "experiment=smoke", f"data.root={root}", "data.batch_size=4", "logger=csv", "trainer.accelerator=gpu",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        python,
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "logger=csv",
+        "trainer.accelerator=gpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: building the run failed: MisconfigurationException:")

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -29,7 +28,10 @@ def test_compiled_sampling_gives_the_images_of_the_eager_net():
     eager.load_state_dict(compiled.state_dict())
     labels = torch.tensor([0, 1] * 8)
     sampler = dict(name="dpm_solver", steps=10, spacing="quadratic")
-    a, b = (m.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator().manual_seed(0)) for m in (compiled, eager))
+    a, b = (
+        m.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        for m in (compiled, eager)
+    )
     assert compiled.fast.compiled["sample"] is not compiled.net  # compiled, no eager fallback
     diff = (a.int() - b.int()).abs()
     assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99

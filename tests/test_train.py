@@ -8,18 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, make_cifar
+from PIL import Image
 
 
 def train(python, *overrides, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([python, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [python, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def smoke_args(root, run_dir, *extra):
-    return ["experiment=smoke", f"data.root={root}", "data.classes=[automobile,cat]", "data.max_images=null",
-            "data.batch_size=8", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        "experiment=smoke",
+        f"data.root={root}",
+        "data.classes=[automobile,cat]",
+        "data.max_images=null",
+        "data.batch_size=8",
+        "trainer.max_epochs=6",
+        "trainer.check_val_every_n_epoch=2",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def epoch_losses(metrics: Path) -> list[float]:
@@ -35,7 +45,11 @@ def test_smoke_run(python, cifar_root, tmp_path, model):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     losses = epoch_losses(run_dir / "csv" / "metrics.csv")
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
-    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch_0001.png", "epoch_0003.png", "epoch_0005.png"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
+        "epoch_0001.png",
+        "epoch_0003.png",
+        "epoch_0005.png",
+    ]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["conditional"] == (model == "improved")
@@ -45,8 +59,18 @@ def test_smoke_run(python, cifar_root, tmp_path, model):
 
 def test_multirun_gives_each_job_its_own_run_dir_and_wandb_run(python, cifar_root, tmp_path):
     sweep = tmp_path / "sweep"
-    p = train(python, "-m", *smoke_args(cifar_root, tmp_path / "unused", "model=improved", "trainer.max_epochs=2",
-                                         f"hydra.sweep.dir={sweep}", "guidance.w=0,2"))
+    p = train(
+        python,
+        "-m",
+        *smoke_args(
+            cifar_root,
+            tmp_path / "unused",
+            "model=improved",
+            "trainer.max_epochs=2",
+            f"hydra.sweep.dir={sweep}",
+            "guidance.w=0,2",
+        ),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "warning: this sweep trains one model per value of guidance.w" in p.stderr and "evaluate.py -m" in p.stderr
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and (d / "checkpoints").is_dir())
@@ -60,8 +84,18 @@ def test_multirun_gives_each_job_its_own_run_dir_and_wandb_run(python, cifar_roo
 @pytest.mark.slow  # 15 s; the SLURM tests run two-rank DDP in the default suite
 def test_ddp_with_two_cpu_processes(python, cifar_root, tmp_path):
     run_dir = tmp_path / "run"
-    p = train(python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer=ddp", "trainer.accelerator=cpu",
-                                  "trainer.devices=2", "trainer.max_epochs=2"))
+    p = train(
+        python,
+        *smoke_args(
+            cifar_root,
+            run_dir,
+            "model=improved",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=2",
+        ),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # 40 images, 8 per rank and step, 2 ranks: 2 steps an epoch
@@ -75,14 +109,25 @@ def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
     import json
 
     run_dir = tmp_path / "run"
-    assert train(python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer.max_epochs=1", "logger=csv")).returncode == 0
+    assert (
+        train(
+            python, *smoke_args(cifar_root, run_dir, "model=improved", "trainer.max_epochs=1", "logger=csv")
+        ).returncode
+        == 0
+    )
     cells = json.load(open(ROOT / "notebooks" / "explore.ipynb"))["cells"]
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     shown = []
     env = {"__name__": "__main__"}
-    exec(code.replace("CKPT = sorted(glob.glob('../outputs/*/*/checkpoints/last.ckpt'))[-1]", f"CKPT = {str(run_dir / 'checkpoints' / 'last.ckpt')!r}")
-             .replace("DATA_ROOT = '../../shared/data/cifar10-five-class-jpeg'", f"DATA_ROOT = {str(cifar_root)!r}")
-             .replace("from IPython.display import display\n", ""), {**env, "display": shown.append})
+    exec(
+        code.replace(
+            "CKPT = sorted(glob.glob('../outputs/*/*/checkpoints/last.ckpt'))[-1]",
+            f"CKPT = {str(run_dir / 'checkpoints' / 'last.ckpt')!r}",
+        )
+        .replace("DATA_ROOT = '../../shared/data/cifar10-five-class-jpeg'", f"DATA_ROOT = {str(cifar_root)!r}")
+        .replace("from IPython.display import display\n", ""),
+        {**env, "display": shown.append},
+    )
     assert len(shown) == 2 and shown[0].size == (2 * (2 + 8 * 34), 2 * (2 + 2 * 34))
 
 
@@ -92,8 +137,15 @@ def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
     root = make_cifar(tmp_path / "cifar", n_train=15, n_test=2)
     run_dir = tmp_path / "run"
     start = time.perf_counter()
-    p = train(python, "model=improved", "data=five_class", f"data.root={root}", "trainer.fast_dev_run=true", "logger=csv",
-              f"hydra.run.dir={run_dir}")
+    p = train(
+        python,
+        "model=improved",
+        "data=five_class",
+        f"data.root={root}",
+        "trainer.fast_dev_run=true",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    )
     seconds = time.perf_counter() - start
     assert p.returncode == 0, p.stderr[-3000:]
     grid = Image.open(run_dir / "samples" / "epoch_0000.png")
@@ -103,8 +155,17 @@ def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
 
 
 def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python, cifar_root, tmp_path):
-    p = train(python, *smoke_args(cifar_root, tmp_path / "run", "trainer.max_epochs=100000", "+trainer.max_time=00:00:00:10",
-                                  "trainer.check_val_every_n_epoch=1000", "logger=csv"))
+    p = train(
+        python,
+        *smoke_args(
+            cifar_root,
+            tmp_path / "run",
+            "trainer.max_epochs=100000",
+            "+trainer.max_time=00:00:00:10",
+            "trainer.check_val_every_n_epoch=1000",
+            "logger=csv",
+        ),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     line = next(line for line in (p.stdout + p.stderr).splitlines() if "s per optimizer step" in line)
     assert "steps left take about" in line and "experiment=smoke" in line and "experiment=paper_cpu" in line, line
@@ -123,4 +184,7 @@ def test_a_finished_run_dir_is_not_trained_again(python, cifar_root, tmp_path):
     assert ckpt.stat().st_mtime_ns == before
     p = train(python, *smoke_args(cifar_root, run_dir, "trainer.max_epochs=2", "logger=csv"))  # more epochs: trains on
     assert p.returncode == 0 and ckpt.stat().st_mtime_ns != before
-    assert epoch_losses(run_dir / "csv" / "metrics.csv")[-1] > 0 and json.loads((run_dir / "done.json").read_text())["max_epochs"] == 2
+    assert (
+        epoch_losses(run_dir / "csv" / "metrics.csv")[-1] > 0
+        and json.loads((run_dir / "done.json").read_text())["max_epochs"] == 2
+    )

@@ -29,10 +29,20 @@ def stoppable(eps_fn, stop_requested: Callable[[], bool] | None):
 
 
 @torch.no_grad()
-def generate(net, schedule: Schedule, sampler: dict, n: int, image_shape: tuple[int, int, int],
-             labels: torch.Tensor | None = None, w: float = 0.0, null_class: int | None = None,
-             generator: torch.Generator | None = None, batch_size: int = 500, callback: StepCallback = None,
-             stop_requested: Callable[[], bool] | None = None) -> torch.Tensor:
+def generate(
+    net,
+    schedule: Schedule,
+    sampler: dict,
+    n: int,
+    image_shape: tuple[int, int, int],
+    labels: torch.Tensor | None = None,
+    w: float = 0.0,
+    null_class: int | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 500,
+    callback: StepCallback = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> torch.Tensor:
     """``n`` images as uint8 (n, C, H, W): x_T ~ N(0, I), then the sampler ``sampler["name"]`` with its other settings
     over eps(x, t) = net(x, t, y), guided with weight ``w`` (eq. 10) when ``labels`` (one per image) are given.
     ``batch_size`` images at a time; ``callback(i, x)`` sees every intermediate state; ``stop_requested`` is checked

@@ -7,7 +7,9 @@ import torch
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_labels(
+    y: torch.Tensor, p_uncond: float, null_class: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """c <- null with probability p_uncond, independently per sample (CFG Algorithm 1, line 3)."""
     drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
     return torch.where(drop, torch.full_like(y, null_class), y)

@@ -19,8 +19,15 @@ class DiffusionLoss:
     are None for the unconditional model. ``memory_format`` lays out x_t for the net (channels_last on a GPU).
     """
 
-    def __init__(self, schedule: Schedule, weighting: str = "none", snr_gamma: float = 5.0, p_uncond: float = 0.0,
-                 null_class: int | None = None, memory_format: torch.memory_format = torch.contiguous_format):
+    def __init__(
+        self,
+        schedule: Schedule,
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+        p_uncond: float = 0.0,
+        null_class: int | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
         self.schedule, self.weighting, self.snr_gamma = schedule, weighting, snr_gamma
         self.p_uncond, self.null_class, self.memory_format = p_uncond, null_class, memory_format
         schedule.loss_weights(weighting, snr_gamma)  # an unknown weighting fails here, before training
@@ -29,8 +36,9 @@ class DiffusionLoss:
         """t ~ Uniform({1..T}) (Algorithm 1, line 3), as the 0-based index."""
         return torch.randint(0, self.schedule.T, (n,), device=device, generator=generator)
 
-    def __call__(self, net: Net, x0: torch.Tensor, y: torch.Tensor | None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, net: Net, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         sched = self.schedule
         t = self.draw_t(x0.shape[0], x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)  # Algorithm 1, line 4

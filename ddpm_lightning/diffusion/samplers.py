@@ -32,14 +32,22 @@ def timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
         for k in range(1, steps):
             seq.append(max(round((T - 1) * (k / (steps - 1)) ** 2), seq[-1] + 1))
         if seq[-1] > T - 1:
-            raise ConfigError(f"sampler.steps={steps} is too many for quadratic spacing over T={T}; use fewer steps or spacing=uniform")
+            raise ConfigError(
+                f"sampler.steps={steps} is too many for quadratic spacing over T={T}; use fewer steps or spacing=uniform"
+            )
         return seq[::-1] if steps > 1 else [T - 1]
     raise ConfigError(f"sampler.spacing={spacing!r} is unknown; use uniform or quadratic")
 
 
 @torch.no_grad()
-def ancestral(eps_fn: EpsFn, schedule: Schedule, x_T: torch.Tensor, generator: torch.Generator | None = None,
-              variance: str = "beta", callback: StepCallback = None) -> torch.Tensor:
+def ancestral(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    generator: torch.Generator | None = None,
+    variance: str = "beta",
+    callback: StepCallback = None,
+) -> torch.Tensor:
     """Algorithm 2 of the paper over all T steps.
 
     variance="beta" uses sigma_t^2 = beta_t (the paper's choice); variance="posterior" uses
@@ -63,8 +71,16 @@ def ancestral(eps_fn: EpsFn, schedule: Schedule, x_T: torch.Tensor, generator: t
 
 
 @torch.no_grad()
-def ddim(eps_fn: EpsFn, schedule: Schedule, x_T: torch.Tensor, generator: torch.Generator | None = None,
-         steps: int = 50, eta: float = 0.0, spacing: str = "uniform", callback: StepCallback = None) -> torch.Tensor:
+def ddim(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    generator: torch.Generator | None = None,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "uniform",
+    callback: StepCallback = None,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) over a subsequence tau of the steps; eta = 0 is deterministic, eta = 1
     has the DDPM posterior variance. The step after tau_1 lands on x_0 (alpha_bar = 1)."""
     seq = timesteps(schedule.T, steps, spacing)
@@ -86,8 +102,15 @@ def ddim(eps_fn: EpsFn, schedule: Schedule, x_T: torch.Tensor, generator: torch.
 
 
 @torch.no_grad()
-def dpm_solver(eps_fn: EpsFn, schedule: Schedule, x_T: torch.Tensor, generator: torch.Generator | None = None,
-               steps: int = 20, spacing: str = "uniform", callback: StepCallback = None) -> torch.Tensor:
+def dpm_solver(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    generator: torch.Generator | None = None,
+    steps: int = 20,
+    spacing: str = "uniform",
+    callback: StepCallback = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction, with alpha_t = sqrt(alpha_bar_t),
     sigma_t = sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t). The first step and the last one, into
     sigma = 0, are first order (DDIM); the others are the second-order multistep update."""

@@ -1,6 +1,5 @@
 """Every metric of an evaluation as one torchmetrics collection, and its numbers as flat dicts."""
 
-
 from torchmetrics import MetricCollection
 
 from ddpm_lightning.metrics.detector import Inception, is_unavailable
@@ -19,8 +18,10 @@ def metric_collection(detector: Inception, reference: dict, num_images: int, set
     reference has a class probe) and memorization (when it has the training images) on the detector's device.
     ``settings``: kid_subsets, kid_subset_size, bootstrap (resamples; 0: no intervals), seed, prc."""
     b, seed = settings["bootstrap"], settings["seed"]
-    metrics = {"fid": FID(reference, b, seed),
-               "kid": KID(reference["features"], settings["kid_subsets"], settings["kid_subset_size"], b, seed)}
+    metrics = {
+        "fid": FID(reference, b, seed),
+        "kid": KID(reference["features"], settings["kid_subsets"], settings["kid_subset_size"], b, seed),
+    }
     if not is_unavailable(detector, num_images):
         metrics["is"] = InceptionScore()
     if settings["prc"]:
@@ -30,12 +31,19 @@ def metric_collection(detector: Inception, reference: dict, num_images: int, set
     if reference.get("train_images") is not None:
         metrics["memorized"] = Memorization(reference["train_images"], b, seed)
     device = next(detector.parameters()).device
-    return MetricCollection(metrics, compute_groups=False).to("cpu" if device.type == "mps" else device)  # mps has no float64
+    return MetricCollection(metrics, compute_groups=False).to(
+        "cpu" if device.type == "mps" else device
+    )  # mps has no float64
 
 
 def scores_of(collection: MetricCollection, detector: Inception, num_images: int) -> dict:
     """The collection's numbers as one flat dict (is_mean/is_std None, with is_unavailable saying why, when IS is not given)."""
-    return {"is_mean": None, "is_std": None, **collection.compute(), "is_unavailable": is_unavailable(detector, num_images)}
+    return {
+        "is_mean": None,
+        "is_std": None,
+        **collection.compute(),
+        "is_unavailable": is_unavailable(detector, num_images),
+    }
 
 
 def loggable(scores: dict) -> dict:
@@ -47,4 +55,3 @@ def loggable(scores: dict) -> dict:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)
     return out
-

@@ -40,9 +40,14 @@ class Inception(FeatureExtractorInceptionV3):
             super().__init__("inception-v3-compat", FEATURES, feature_extractor_weights_path=str(empty))
         self.to(memory_format=torch.channels_last)  # the same arithmetic, 1.5x faster on the CPU (bench/eval_paths.py)
         self.source = source
-        self.is_unavailable = None if self.has_classifier else (
-            f"Inception Score unavailable: the detector weights {source} have no classifier layer (fc.*); "
-            "FID is computed, IS is not. Use weights with the classifier (torch-fidelity's) for IS")
+        self.is_unavailable = (
+            None
+            if self.has_classifier
+            else (
+                f"Inception Score unavailable: the detector weights {source} have no classifier layer (fc.*); "
+                "FID is computed, IS is not. Use weights with the classifier (torch-fidelity's) for IS"
+            )
+        )
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         given, self._state_dict = self._state_dict, None
@@ -50,10 +55,14 @@ class Inception(FeatureExtractorInceptionV3):
         try:
             missing, unexpected = super().load_state_dict(given, strict=False)
         except RuntimeError as e:  # wrong shapes
-            raise ConfigError(f"Inception weights do not fit torch-fidelity's layout ({str(e).splitlines()[-1].strip()[:160]}); {hint}") from None
+            raise ConfigError(
+                f"Inception weights do not fit torch-fidelity's layout ({str(e).splitlines()[-1].strip()[:160]}); {hint}"
+            ) from None
         missing = [k for k in missing if not (k.startswith("fc.") and not self.has_classifier)]
         if missing or unexpected:
-            raise ConfigError(f"Inception weights do not fit torch-fidelity's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); {hint}")
+            raise ConfigError(
+                f"Inception weights do not fit torch-fidelity's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); {hint}"
+            )
         return missing, unexpected
 
 
@@ -62,19 +71,27 @@ def load_inception(weights: str | None) -> Inception:
     download when unset. Unavailable weights fail here, with one line naming the setting."""
     if weights is None:
         try:
-            state = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False, weights_only=True)
+            state = torch.hub.load_state_dict_from_url(
+                URL_INCEPTION_V3, map_location="cpu", progress=False, weights_only=True
+            )
         except Exception as e:
-            raise ConfigError(f"the FID Inception weights could not be downloaded ({type(e).__name__}); "
-                              "set metrics.inception_weights=PATH to a local copy in torch-fidelity's layout") from None
+            raise ConfigError(
+                f"the FID Inception weights could not be downloaded ({type(e).__name__}); "
+                "set metrics.inception_weights=PATH to a local copy in torch-fidelity's layout"
+            ) from None
         return Inception(state, URL_INCEPTION_V3)
     path = Path(weights)
     if not path.is_file():
-        raise ConfigError(f"metrics.inception_weights={weights} does not exist; point it at an FID Inception state dict")
+        raise ConfigError(
+            f"metrics.inception_weights={weights} does not exist; point it at an FID Inception state dict"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"cannot load metrics.inception_weights={weights} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                          "it must be a plain state dict") from None
+        raise ConfigError(
+            f"cannot load metrics.inception_weights={weights} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "it must be a plain state dict"
+        ) from None
     return Inception(state, str(path))
 
 
@@ -90,7 +107,9 @@ def detector_id(weights: str | None) -> str:
 
 
 @torch.no_grad()
-def extract(detector: Inception, images: torch.Tensor, batch_size: int = 250, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    detector: Inception, images: torch.Tensor, batch_size: int = 250, progress: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool3 features (N, 2048) and unbiased logits (N, 1008) of uint8 images, to CPU; with ``progress`` (a
     description) a progress bar with the time left, for long work such as reference statistics."""
     device = next(detector.parameters()).device
@@ -113,8 +132,14 @@ class progress_bar:
     def __enter__(self):
         if self.description is None:
             return lambda n: None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn())
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
         return lambda n: self.bar.advance(task, n)
@@ -131,4 +156,3 @@ def is_unavailable(detector: Inception, num_images: int, splits: int = 10) -> st
     if num_images < splits:
         return f"Inception Score unavailable: {num_images} images are fewer than its {splits} splits; use metrics.num_samples >= {splits}"
     return None
-

@@ -1,6 +1,5 @@
 """Memorization: each image's nearest and second-nearest training images in pixel space, mirrors counted."""
 
-
 import torch
 
 from ddpm_lightning.metrics.states import InImageOrder
@@ -8,7 +7,9 @@ from ddpm_lightning.metrics.stats import fraction_and_interval
 
 
 @torch.no_grad()
-def nearest_training_images(images: torch.Tensor, train_images: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_training_images(
+    images: torch.Tensor, train_images: torch.Tensor, chunk: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per uint8 image, the l2 pixel distances (pixels in [0, 1]) to its nearest and second-nearest training image,
     (N, 2), and their indices, (N, 2). A training image's distance is the smaller of it and its mirror image
     (training flips them), so a copy of a flipped image is as near as a copy of the image."""
@@ -48,4 +49,3 @@ class Memorization(InImageOrder):
         ratio = self.in_order()
         value, ci = fraction_and_interval((ratio < self.threshold).float(), self.resamples, self.seed)
         return {"memorized": value, "nn_ratio_median": ratio.median().item()} | ({"memorized_ci95": ci} if ci else {})
-

@@ -14,7 +14,9 @@ from ddpm_lightning.metrics.stats import fraction_and_interval
 log = logging.getLogger(__name__)
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2s=(1e-4, 1e-3, 1e-2, 1e-1), seed: int = 0) -> dict:
+def fit_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2s=(1e-4, 1e-3, 1e-2, 1e-1), seed: int = 0
+) -> dict:
     """A linear probe: multinomial logistic regression on standardised pool3 features (full-batch L-BFGS), its L2
     strength chosen by the accuracy on a held-out fifth, then refitted on all the images. Deterministic."""
     x = features.double()
@@ -26,7 +28,9 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2
     def fit(rows: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
         weight = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([weight, bias], max_iter=200, tolerance_grad=1e-9, history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [weight, bias], max_iter=200, tolerance_grad=1e-9, history_size=20, line_search_fn="strong_wolfe"
+        )
 
         def closure():
             opt.zero_grad()
@@ -44,8 +48,15 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2
     held_acc = {l2: accuracy(*fit(kept, l2), held) for l2 in l2s}
     l2 = max(l2s, key=lambda k: (held_acc[k], k))  # the strongest regularisation among the best
     weight, bias = fit(torch.arange(len(z)), l2)
-    return {"mean": mean.float(), "std": std.float(), "weight": weight.float(), "bias": bias.float(), "l2": l2,
-            "held_out_acc": held_acc[l2], "train_acc": accuracy(weight, bias, torch.arange(len(z)))}
+    return {
+        "mean": mean.float(),
+        "std": std.float(),
+        "weight": weight.float(),
+        "bias": bias.float(),
+        "l2": l2,
+        "held_out_acc": held_acc[l2],
+        "train_acc": accuracy(weight, bias, torch.arange(len(z))),
+    }
 
 
 def probe_classes(probe: dict, pool: torch.Tensor) -> torch.Tensor:
@@ -54,7 +65,9 @@ def probe_classes(probe: dict, pool: torch.Tensor) -> torch.Tensor:
     return (((pool.float() - p["mean"]) / p["std"]) @ p["weight"] + p["bias"]).argmax(1)
 
 
-def class_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str, cache_dir: str | Path) -> dict:
+def class_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str, cache_dir: str | Path
+) -> dict:
     """The linear probe of a reference's features, cached beside its statistics under the same key (``name``)."""
     path = Path(cache_dir) / f"probe_{name}.pt"
     digest = hashlib.sha1(labels.numpy().astype(np.int64).tobytes()).hexdigest()
@@ -70,7 +83,9 @@ def class_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         return cached
     log.info(f"fitting the class probe (logistic regression) on {len(features)} reference features -> {path}")
     probe = {**fit_probe(features, labels, num_classes), "labels_sha1": digest}
-    log.info(f"class probe: held-out accuracy {probe['held_out_acc']:.3f} (L2 {probe['l2']:g}), training accuracy {probe['train_acc']:.3f}")
+    log.info(
+        f"class probe: held-out accuracy {probe['held_out_acc']:.3f} (L2 {probe['l2']:g}), training accuracy {probe['train_acc']:.3f}"
+    )
     files.save_torch(probe, path, "the class probe (cache)")
     return probe
 
@@ -89,4 +104,3 @@ class ClassAgreement(InImageOrder):
     def compute(self) -> dict:
         value, ci = fraction_and_interval(self.in_order(), self.resamples, self.seed)
         return {"class_acc": value} | ({"class_acc_ci95": ci} if ci else {})
-

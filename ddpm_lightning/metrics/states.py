@@ -1,6 +1,5 @@
 """The metrics as torchmetrics states, kept in image order so that any split over ranks gives one process's numbers."""
 
-
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -42,7 +41,10 @@ class FID(InImageOrder):
 
     def __init__(self, reference: dict, resamples: int = 0, seed: int = 0, dim: int = 2048):
         super().__init__()
-        self.reference = {"mu": np.asarray(reference["mu"], dtype=np.float64), "sigma": np.asarray(reference["sigma"], dtype=np.float64)}
+        self.reference = {
+            "mu": np.asarray(reference["mu"], dtype=np.float64),
+            "sigma": np.asarray(reference["sigma"], dtype=np.float64),
+        }
         self.resamples, self.seed = resamples, seed
         self.add_state("feature_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("outer_sum", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
@@ -59,8 +61,10 @@ class FID(InImageOrder):
     def compute(self) -> dict:
         n = self.count
         mu = self.feature_sum / n
-        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)       # the sample covariance, as np.cov
-        value = fid_statistics_to_metric({"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}, self.reference, verbose=False)
+        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)  # the sample covariance, as np.cov
+        value = fid_statistics_to_metric(
+            {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}, self.reference, verbose=False
+        )
         out = {"fid": value["frechet_inception_distance"]}
         if self.resamples:
             features = self.in_order()
@@ -104,7 +108,14 @@ class KID(PoolFeatures):
     """KID (Binkowski et al. 2018) against the reference features: unbiased at any N; the subset size is at most N.
     With ``resamples`` > 0 also its 95% bootstrap interval."""
 
-    def __init__(self, reference_features: torch.Tensor, subsets: int = 100, subset_size: int = 1000, resamples: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        reference_features: torch.Tensor,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        resamples: int = 0,
+        seed: int = 0,
+    ):
         super().__init__(reference_features)
         self.subsets, self.subset_size, self.resamples, self.seed = subsets, subset_size, resamples, seed
 
@@ -123,6 +134,7 @@ class PrecisionRecall(PoolFeatures):
     (3rd-nearest-neighbour balls): the fidelity/diversity split that guidance trades."""
 
     def compute(self) -> dict:
-        out = prc_features_to_metric(*self.both(), prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+        out = prc_features_to_metric(
+            *self.both(), prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False
+        )
         return {"precision": out["precision"], "recall": out["recall"], "f_score": out["f_score"]}
-

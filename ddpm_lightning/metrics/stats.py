@@ -1,7 +1,6 @@
 """FID, KID and IS arithmetic (torch-fidelity's functions where they fit) and their intervals: the bootstrap for
 FID and KID, and the fraction of hits with its interval."""
 
-
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import (
@@ -36,10 +35,14 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The unbiased MMD^2 estimate between two equal-sized sets of features (torch-fidelity's mmd2, "unbiased")."""
     m = len(x)
     k_xx, k_yy, k_xy = (polynomial_kernel(a, b).double() for a, b in ((x, x), (y, y), (x, y)))
-    return (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1)) - 2 * k_xy.sum() / m**2
+    return (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (
+        m * (m - 1)
+    ) - 2 * k_xy.sum() / m**2
 
 
-def kid(features: torch.Tensor, reference: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> tuple[float, float]:
+def kid(
+    features: torch.Tensor, reference: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 2020
+) -> tuple[float, float]:
     """Kernel Inception Distance: the mean and standard deviation of the unbiased MMD^2 over ``subsets`` random
     subsets of ``subset_size`` from each set, drawn as torch-fidelity draws them (kid_features_to_metric)."""
     rng = np.random.RandomState(seed)
@@ -69,13 +72,13 @@ def fid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: di
     f, c = features.to(dtype), counts.to(features.device, dtype)
     mu2 = torch.as_tensor(reference["mu"], device=f.device, dtype=dtype)
     s2 = torch.as_tensor(reference["sigma"], device=f.device, dtype=dtype)
-    mu = c @ f / n                                                         # (B, d) resampled means
+    mu = c @ f / n  # (B, d) resampled means
     tr_s1 = (c @ (f * f).sum(1) - n * (mu * mu).sum(1)) / (n - 1)
     if n <= d:
         f_s2 = f @ s2
-        gram = f_s2 @ f.T                                                  # f_i S2 f_j
-        u = mu @ f_s2.T                                                    # (B, n): mu_b S2 f_i
-        v = (mu @ s2 * mu).sum(1)                                          # mu_b S2 mu_b
+        gram = f_s2 @ f.T  # f_i S2 f_j
+        u = mu @ f_s2.T  # (B, n): mu_b S2 f_i
+        v = (mu @ s2 * mu).sum(1)  # mu_b S2 mu_b
     else:
         evals, evecs = torch.linalg.eigh(s2)
         s2_half = evecs @ evals.clamp(min=0).sqrt().diag() @ evecs.T
@@ -95,7 +98,9 @@ def fid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: di
     return ((mu - mu2) ** 2).sum(1) + tr_s1 + s2.trace() - 2 * torch.cat(traces)
 
 
-def kid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def kid_of_resamples(
+    features: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     """The parts of the unbiased MMD^2 against the reference that change with each resample of the features:
     sum over pairs of positions i != j of k(x_i, x_j) / (n (n-1)) - 2 mean_i mean_y k(x_i, y)."""
     n = len(features)
@@ -105,7 +110,9 @@ def kid_of_resamples(features: torch.Tensor, counts: torch.Tensor, reference: to
     for lo in range(0, n, chunk):
         k = polynomial_kernel(features[lo : lo + chunk], features).double()
         pairs += ((c[:, lo : lo + chunk] @ k) * c).sum(1) - c[:, lo : lo + chunk] @ k.diagonal(lo)
-        to_reference[lo : lo + chunk] = sum(polynomial_kernel(features[lo : lo + chunk], y).double().sum(1) for y in reference.split(chunk))
+        to_reference[lo : lo + chunk] = sum(
+            polynomial_kernel(features[lo : lo + chunk], y).double().sum(1) for y in reference.split(chunk)
+        )
     return pairs / (n * (n - 1)) - 2 * (c @ to_reference) / (n * len(reference))
 
 
@@ -113,7 +120,9 @@ def interval(resampled: torch.Tensor, value: float) -> list[float]:
     """The 95% bootstrap interval of ``value``: the 2.5% and 97.5% quantiles of the resampled values, shifted so that
     their median falls on the full-sample value (resampling with replacement repeats images, which raises FID and
     KID by a bias of its own; the interval gives the spread at this N, not the distance to N = infinity)."""
-    low, median, high = torch.quantile(resampled.double().cpu(), torch.tensor([0.025, 0.5, 0.975], dtype=torch.float64)).tolist()
+    low, median, high = torch.quantile(
+        resampled.double().cpu(), torch.tensor([0.025, 0.5, 0.975], dtype=torch.float64)
+    ).tolist()
     return [value + low - median, value + high - median]
 
 
@@ -124,4 +133,3 @@ def fraction_and_interval(hits: torch.Tensor, resamples: int, seed: int) -> tupl
         return value, None
     counts = resample_counts(len(hits), resamples, seed).to(hits.device, torch.float64)
     return value, interval(counts @ hits.double() / len(hits), value)
-

@@ -36,7 +36,9 @@ class DoubleConv(nn.Module):
             nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False),
             nn.GroupNorm(1, c_mid),
             nn.GELU(),
-            *([nn.Dropout(dropout)] if dropout else []),  # between the convs of the residual blocks, as DDPM's ResnetBlock
+            *(
+                [nn.Dropout(dropout)] if dropout else []
+            ),  # between the convs of the residual blocks, as DDPM's ResnetBlock
             nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False),
             nn.GroupNorm(1, c_out),
         )
@@ -54,7 +56,9 @@ class SelfAttention(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
-        self.ff = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels))
+        self.ff = nn.Sequential(
+            nn.LayerNorm(channels), nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -71,7 +75,9 @@ class Down(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out))
+        self.conv = nn.Sequential(
+            nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out)
+        )
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -84,7 +90,9 @@ class Up(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out, c_in // 2))
+        self.conv = nn.Sequential(
+            DoubleConv(c_in, c_in, residual=True, dropout=dropout), DoubleConv(c_in, c_out, c_in // 2)
+        )
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -97,16 +105,27 @@ class UNet(nn.Module):
     with one extra "null" class at index ``num_classes``, is added to the timestep embedding. ``attention``: the
     resolutions (of ``image_size`` inputs) whose blocks keep their self-attention; ``dropout``: in the residual blocks."""
 
-    def __init__(self, width: int = 64, emb_dim: int = 256, num_classes: int | None = None, in_channels: int = 3, heads: int = 4,
-                 attention: tuple[int, ...] = (32, 16, 8, 4), image_size: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        width: int = 64,
+        emb_dim: int = 256,
+        num_classes: int | None = None,
+        in_channels: int = 3,
+        heads: int = 4,
+        attention: tuple[int, ...] = (32, 16, 8, 4),
+        image_size: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         self.emb_dim = emb_dim
         self.num_classes = num_classes
         unknown = set(attention) - set(attention_resolutions(image_size))
         if unknown:
-            raise ValueError(f"attention at {sorted(unknown)}: the U-Net's blocks of {image_size}x{image_size} images work at "
-                             f"{attention_resolutions(image_size)}")
+            raise ValueError(
+                f"attention at {sorted(unknown)}: the U-Net's blocks of {image_size}x{image_size} images work at "
+                f"{attention_resolutions(image_size)}"
+            )
 
         def sa(channels: int, resolution: int) -> nn.Module:
             return SelfAttention(channels, heads) if resolution in attention else nn.Identity()

@@ -5,12 +5,13 @@ cosine decay, EMA with inv_gamma 1 and power 3/4 up to 0.9999, random flips), at
 our batch, for a given number of steps. Scored by this project's metrics (metrics.evaluate) at N images along the
 run, with the same sampler as our rows (DDIM, eta = 1, over the peer's own schedule).
 
-    .venv/bin/python bench/peer_diffusers.py --data ../shared/data/cifar10-five-class-jpeg --steps S \
+    .venv/bin/python scripts/peer_diffusers.py --data ../shared/data/cifar10-five-class-jpeg --steps S \
         --eval-every E --out docs/results/recipes_cpu/peer.json
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,21 +21,12 @@ from torchvision.utils import make_grid
 
 from ddpm_lightning import metrics
 from ddpm_lightning.data import load_subset, random_hflip, to_unit_range
-from ddpm_lightning.diffusion.samplers import get_sampler
+from ddpm_lightning.diffusion.generate import generate
 from ddpm_lightning.diffusion.schedule import build_schedule
 from ddpm_lightning.files import save_png, write_json
-from ddpm_lightning.module import to_uint8
 
-
-def make_peer():
-    """UNet2DModel at 1.59M parameters (ours: 1.45M): four levels of 16-32-64-64 channels, two ResNet blocks each,
-    attention at 8x8 (the example's layout, narrowed), and the example's DDPMScheduler."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(16, 32, 64, 64),
-                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16)
-    return net, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import diffusers_peer  # noqa: E402
 
 
 class PeerSampler:
@@ -46,12 +38,16 @@ class PeerSampler:
         self.hparams = argparse.Namespace(class_names=["automobile"], conditional=False, image_size=32)
         self.device = torch.device("cpu")
 
-    @torch.no_grad()
-    def sample(self, n, labels=None, w=None, sampler=None, generator=None, batch_size=None):
-        settings = dict(sampler or self.sampler)
-        run = get_sampler(settings.pop("name"))
-        x_T = torch.randn((n, 3, 32, 32), generator=generator)
-        return to_uint8(run(lambda x, t: self.net(x, t).sample, self.schedule, x_T, generator=generator, **settings))
+    def sample(self, n, labels=None, w=None, sampler=None, generator=None, batch_size=500):
+        return generate(
+            lambda x, t, y: self.net(x, t).sample,
+            self.schedule,
+            sampler or self.sampler,
+            n,
+            (3, 32, 32),
+            generator=generator,
+            batch_size=batch_size,
+        )
 
 
 def main():
@@ -63,7 +59,9 @@ def main():
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--final-samples", type=int, default=1000)
     p.add_argument("--weights", default="../shared/weights/pt_inception-2015-12-05-pool3-only.pth")
-    p.add_argument("--cache-dir", default="cache/fid_stats")  # conf/metrics/default.yaml: shared with train.py and evaluate.py
+    p.add_argument(
+        "--cache-dir", default="cache/fid_stats"
+    )  # conf/metrics/default.yaml: shared with train.py and evaluate.py
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -72,12 +70,16 @@ def main():
     torch.manual_seed(0)
     images, _ = load_subset(Path(args.data) / "cifar-10-batches-py", ["automobile"], "train")
     test, _ = load_subset(Path(args.data) / "cifar-10-batches-py", ["automobile"], "test")
-    net, scheduler = make_peer()
+    net, scheduler = diffusers_peer()
     ema = EMAModel(net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     lr = get_cosine_schedule_with_warmup(opt, num_warmup_steps=500, num_training_steps=args.steps)
-    settings = dict(kid_subsets=100, kid_subset_size=1000, bootstrap=200, seed=0, prc=False)  # conf/metrics/default.yaml
-    detector, reference = metrics.detector_and_reference(args.weights, ["automobile"], images, "train", None, args.cache_dir, 100, "cpu")
+    settings = dict(
+        kid_subsets=100, kid_subset_size=1000, bootstrap=200, seed=0, prc=False
+    )  # conf/metrics/default.yaml
+    detector, reference = metrics.detector_and_reference(
+        args.weights, ["automobile"], images, "train", None, args.cache_dir, 100, "cpu"
+    )
     sampler = {"name": "ddim", "steps": 50, "eta": 1.0, "spacing": "quadratic"}
     history, train_seconds, g = [], 0.0, torch.Generator().manual_seed(0)
     for step in range(1, args.steps + 1):
@@ -103,11 +105,29 @@ def main():
             scores, preview = metrics.evaluate(PeerSampler(net, sampler), detector, reference, n, None, settings, 100)
             net.train()
             ema.restore(net.parameters())
-            history.append({"step": step, "num_samples": n, "train_seconds": round(train_seconds, 1), "loss": loss.item(),
-                            "fid_floor": floor["fid"], "kid_floor": floor["kid_mean"], **metrics.loggable(scores)})
+            history.append(
+                {
+                    "step": step,
+                    "num_samples": n,
+                    "train_seconds": round(train_seconds, 1),
+                    "loss": loss.item(),
+                    "fid_floor": floor["fid"],
+                    "kid_floor": floor["kid_mean"],
+                    **metrics.loggable(scores),
+                }
+            )
             print(json.dumps(history[-1]), flush=True)
-            write_json(Path(args.out), {"peer": "diffusers UNet2DModel + DDPMScheduler", "params": sum(q.numel() for q in net.parameters()),
-                                        "batch": args.batch, "steps": args.steps, "sampler": sampler, "history": history})
+            write_json(
+                Path(args.out),
+                {
+                    "peer": "diffusers UNet2DModel + DDPMScheduler",
+                    "params": sum(q.numel() for q in net.parameters()),
+                    "batch": args.batch,
+                    "steps": args.steps,
+                    "sampler": sampler,
+                    "history": history,
+                },
+            )
             if step == args.steps:
                 save_png(make_grid(preview[:64], nrow=8, padding=2), Path(args.out).with_suffix(".png"))
 
