@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ddpm_lightning.diffusion.schedule import build_schedule, cosine_betas, linear_betas
-from ddpm_lightning.errors import ConfigError
 
 
 def test_linear_schedule_endpoints_and_indexing():
@@ -49,21 +48,6 @@ def test_cosine_schedule_is_valid():
     assert (betas > 0).all() and (betas <= 0.999).all()
     s = build_schedule("cosine", T=1000)
     assert s.alpha_bar[-1].item() < 1e-6
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(kind="linear", T=0), "schedule.T=0"),
-        (dict(kind="linear", T=10, beta_1=0.0), r"lie in \(0, 1\)"),
-        (dict(kind="linear", T=10, beta_T=1.5), r"lie in \(0, 1\)"),
-        (dict(kind="linear", T=10, beta_1=0.02, beta_T=1e-4), "must not decrease"),
-        (dict(kind="quadratic", T=10), "schedule.kind"),
-    ],
-)
-def test_bad_schedules_are_refused(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        build_schedule(**kwargs)
 
 
 def test_linear_betas_are_float64_linspace():
