@@ -18,7 +18,7 @@ from ddpm_lightning.metrics.detector import (
     progress_bar,
 )
 from ddpm_lightning.metrics.evaluation import evaluate, even_labels
-from ddpm_lightning.metrics.memorization import Memorization, nearest_training_images
+from ddpm_lightning.metrics.memorization import Memorization, TrainingSet, nearest_training_images
 from ddpm_lightning.metrics.probe import (
     ClassAgreement,
     class_probe,
@@ -50,6 +50,7 @@ from ddpm_lightning.metrics.stats import (
     kid_of_resamples,
     mmd2_unbiased,
     polynomial_kernel,
+    proportion_interval,
     resample_counts,
     statistics,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "kid_of_resamples",
     "interval",
     "fraction_and_interval",
+    "proportion_interval",
     "InImageOrder",
     "FID",
     "InceptionScore",
@@ -84,6 +86,7 @@ __all__ = [
     "class_probe",
     "ClassAgreement",
     "nearest_training_images",
+    "TrainingSet",
     "Memorization",
     "settings_of",
     "metric_collection",

@@ -92,7 +92,7 @@ def class_probe(
 
 class ClassAgreement(InImageOrder):
     """How often the linear probe recognises a generated image as the class it was asked for (class_acc), with its
-    95% bootstrap interval: the offline measure of class identity, which guidance should raise."""
+    exact 95% interval (metrics.bootstrap > 0): the offline measure of class identity, which guidance should raise."""
 
     def __init__(self, probe: dict, resamples: int = 0, seed: int = 0):
         super().__init__()
@@ -102,5 +102,5 @@ class ClassAgreement(InImageOrder):
         self.add((probe_classes(self.probe, pool) == labels.to(pool.device)).float(), index)
 
     def compute(self) -> dict:
-        value, ci = fraction_and_interval(self.in_order(), self.resamples, self.seed)
+        value, ci = fraction_and_interval(self.in_order(), bool(self.resamples))
         return {"class_acc": value} | ({"class_acc_ci95": ci} if ci else {})

@@ -126,10 +126,16 @@ def interval(resampled: torch.Tensor, value: float) -> list[float]:
     return [value + low - median, value + high - median]
 
 
-def fraction_and_interval(hits: torch.Tensor, resamples: int, seed: int) -> tuple[float, list[float] | None]:
-    """The fraction of 0/1 ``hits`` and its 95% bootstrap interval (None without resamples)."""
-    value = hits.double().mean().item()
-    if not resamples:
-        return value, None
-    counts = resample_counts(len(hits), resamples, seed).to(hits.device, torch.float64)
-    return value, interval(counts @ hits.double() / len(hits), value)
+def proportion_interval(hits: int, n: int, confidence: float = 0.95) -> list[float]:
+    """The exact (Clopper-Pearson) interval of a proportion of ``hits`` in ``n``: at least ``confidence`` coverage for
+    every true proportion, 0 and 1 included (0 hits in 200 give [0, 0.018], not the bootstrap's [0, 0])."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(hits), int(n)).proportion_ci(confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def fraction_and_interval(hits: torch.Tensor, with_interval: bool) -> tuple[float, list[float] | None]:
+    """The fraction of 0/1 ``hits`` and, when asked, its exact 95% interval."""
+    k, n = int(hits.sum().item()), len(hits)
+    return k / n, proportion_interval(k, n) if with_interval else None
