@@ -143,6 +143,7 @@ def big_train_cmd(python, root, run_dir, *extra):
         "callbacks.sample_grid.n_per_class=1",
         "sampler.steps=2",
         *extra,
+        net=(),
     )
 
 
@@ -235,7 +236,7 @@ def test_training_into_a_run_dir_too_small_for_the_next_checkpoint_is_one_line_a
     root = make_cifar(tmp_path / "cifar", n_train=20)
     run_dir = fs / "run"
     p = subprocess.run(
-        train_cmd(python, root, run_dir, "trainer.max_epochs=3", "callbacks.sample_grid.n_per_class=1"),
+        train_cmd(python, root, run_dir, "trainer.max_epochs=3", "callbacks.sample_grid.n_per_class=1", net=()),
         capture_output=True,
         text=True,
         timeout=600,

@@ -19,7 +19,8 @@ from ddpm_lightning.module import load_checkpoint
 from ddpm_lightning.testing import tiny_module
 
 
-def train_cmd(python, root, run_dir, *extra):
+def train_cmd(python, root, run_dir, *extra, net=None):
+    """train.py on a tiny subset with every lever on; ``net`` overrides (default TINY_NET; () keeps the config's net)."""
     return [
         python,
         str(ROOT / "train.py"),
@@ -31,7 +32,7 @@ def train_cmd(python, root, run_dir, *extra):
         "data.batch_size=4",
         "trainer.check_val_every_n_epoch=2",
         "logger=csv",
-        *TINY_NET,
+        *(TINY_NET if net is None else net),
         *LEVERS,
         f"hydra.run.dir={run_dir}",
         *extra,

@@ -107,6 +107,7 @@ def test_ddp_with_two_cpu_processes(python, cifar_root, tmp_path):
 def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
     """The code cells of notebooks/explore.ipynb, run in order against a fresh smoke run."""
     import json
+    import re
 
     run_dir = tmp_path / "run"
     assert (
@@ -119,15 +120,11 @@ def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     shown = []
     env = {"__name__": "__main__"}
-    exec(
-        code.replace(
-            "CKPT = sorted(glob.glob('../outputs/*/*/checkpoints/last.ckpt'))[-1]",
-            f"CKPT = {str(run_dir / 'checkpoints' / 'last.ckpt')!r}",
-        )
-        .replace("DATA_ROOT = '../../shared/data/cifar10-five-class-jpeg'", f"DATA_ROOT = {str(cifar_root)!r}")
-        .replace("from IPython.display import display\n", ""),
-        {**env, "display": shown.append},
-    )
+    settings = {"CKPT": str(run_dir / "checkpoints" / "last.ckpt"), "DATA_ROOT": str(cifar_root)}
+    for name, value in settings.items():  # the notebook's two settings, whatever their quotes
+        code, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", code, flags=re.M)
+        assert n == 1, f"the notebook sets {name} once"
+    exec(code.replace("from IPython.display import display\n", ""), {**env, "display": shown.append})
     assert len(shown) == 2 and shown[0].size == (2 * (2 + 8 * 34), 2 * (2 + 2 * 34))
 
 
