@@ -2,6 +2,7 @@
 floor, to results.json, a CSV row and W&B; SweepSummary: the table and plot against the guidance weight at the end of
 a multirun."""
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ from ddpm_lightning import cluster, files, metrics
 from ddpm_lightning.data import ensure_cifar10, load_subset
 from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.files import save_figure, save_png, write_csv, write_json, write_text
-from ddpm_lightning.module import load_checkpoint
+from ddpm_lightning.image_sets import load_image_set
+from ddpm_lightning.module import load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 FIELDS = [
@@ -51,16 +53,19 @@ FIELDS = [
     "nn_ratio_median",
     "seconds",
     "ckpt",
+    "images",
 ]
 
 
-def job_key(cfg: DictConfig) -> dict:
-    """What an evaluation's result depends on: the checkpoint file (path, size, time) and the settings."""
-    stat = Path(cfg.ckpt).stat()
+def job_key(cfg: DictConfig, images_sha1: str | None = None) -> dict:
+    """What an evaluation's result depends on: the checkpoint file (path, size, time) or the images (path and the
+    digest of their pixels and labels), and the settings."""
+    source = {"images": str(cfg.images), "images_sha1": images_sha1}
+    if cfg.ckpt is not None:
+        stat = Path(cfg.ckpt).stat()
+        source = {"ckpt": str(cfg.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns}
     return {
-        "ckpt": str(cfg.ckpt),
-        "ckpt_size": stat.st_size,
-        "ckpt_mtime_ns": stat.st_mtime_ns,
+        **source,
         "real": cfg.real,
         "w": cfg.guidance.w,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None,
@@ -72,109 +77,154 @@ def job_key(cfg: DictConfig) -> dict:
     }
 
 
-def run(cfg: DictConfig) -> None:
+def done_before(cfg: DictConfig, key: dict) -> bool:
+    """Whether the run dir's results.json already holds this evaluation (a rerun of a sweep: nothing to do)."""
     done = Path(HydraConfig.get().runtime.output_dir) / "results.json"
-    if done.is_file() and Path(cfg.ckpt).is_file():  # a rerun: nothing to load when this evaluation was made already
-        key = job_key(cfg)
-        previous = files.load_or_none(done, lambda p: json.loads(p.read_text()), "the earlier results file")
-        if previous is not None and previous.get("key") == key:
-            log.info(f"{done} already holds this evaluation (same checkpoint and settings); nothing to do")
-            return
+    if not done.is_file():
+        return False
+    previous = files.load_or_none(done, lambda p: json.loads(p.read_text()), "the earlier results file")
+    if previous is None or previous.get("key") != key:
+        return False
+    log.info(f"{done} already holds this evaluation (same source and settings); nothing to do")
+    return True
+
+
+def run(cfg: DictConfig) -> None:
+    """Score one source against the subset's reference: a checkpoint's samples, its subset's real test images
+    (real=true: the floor itself), or a set of images (images=PATH, data=<group>)."""
     m = cfg.metrics
-    module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
-    hp = module.hparams
-    if not hp.conditional and cfg.guidance.w not in (None, 0):
-        raise ConfigError(
-            f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w"
-        )
+    given, module = None, None
+    if cfg.images is not None:  # any model's images, labelled or not
+        given = load_image_set(cfg.images, list(cfg.data.classes))
+        digest = hashlib.sha1(given[0].numpy().tobytes() + (b"" if given[1] is None else given[1].numpy().tobytes()))
+        key = job_key(cfg, digest.hexdigest())
+        if done_before(cfg, key):
+            return
+        class_names, device = list(cfg.data.classes), pick_device(cluster.rank_device(cfg.device))
+    else:
+        if Path(HydraConfig.get().runtime.output_dir, "results.json").is_file() and done_before(cfg, job_key(cfg)):
+            return  # nothing loaded for an evaluation made already
+        module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
+        hp = module.hparams
+        class_names, device, key = list(hp.class_names), module.device, job_key(cfg)
+        if cfg.data.classes is not None and list(cfg.data.classes) != class_names:
+            raise ConfigError(
+                f"data.classes {list(cfg.data.classes)} are not the checkpoint's subset {class_names}; drop the data "
+                "group (a checkpoint is scored on its own subset)"
+            )
+        if not hp.conditional and cfg.guidance.w not in (None, 0):
+            raise ConfigError(
+                f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w"
+            )
     run_dir = files.writable_dir(HydraConfig.get().runtime.output_dir)
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
-    w = (hp.guidance["w"] if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
     folder = ensure_cifar10(cfg.data.root, download=True)
     splits = {
-        split: load_subset(folder, hp.class_names, split) for split in {"train", "test", m.reference_split}
+        split: load_subset(folder, class_names, split) for split in {"train", "test", m.reference_split}
     }  # each read once
     train_images = splits["train"][0][: cfg.data.max_images]  # what the model trained on
     reference_images, reference_labels = splits[m.reference_split]
     detector, reference = metrics.detector_and_reference(
         m.inception_weights,
-        hp.class_names,
+        class_names,
         reference_images,
         m.reference_split,
         m.reference_images,
         m.cache_dir,
         m.batch_size,
-        module.device,
+        device,
         labels=reference_labels,
         train_images=train_images,
     )
-
     settings = metrics.settings_of(m)
     test_images, test_labels = splits["test"]
+    num_samples = m.num_samples if given is None else len(given[0])  # the floor at the N of the scored set
     start = time.perf_counter()
     floor = metrics.floor(
-        detector, reference, test_images, m.num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels
+        detector, reference, test_images, num_samples, settings, m.cache_dir, m.batch_size, test_labels=test_labels
     )
-    if cfg.real:  # the floor itself: real held-out images of the subset against the same reference
+    sampler, w = None, None
+    if given is not None:
+        images, labels = given
+        scores = metrics.score_real(
+            detector, reference, images, settings, m.batch_size, f"{len(images)} images of {cfg.images}", labels
+        )
+        preview = images[:64]
+    elif cfg.real:  # the floor itself: real held-out images of the subset against the same reference
         scores, sampler, preview = floor, {"name": "real test images"}, None
+        num_samples = floor["num_samples"]
     else:
-        rank, world = cluster.start_ranks(module.device)  # under srun or torchrun: the images split over the ranks
-        try:
-            with Progress(disable=rank > 0) as bar:
-                task = bar.add_task(
-                    f"{m.num_samples} samples, {sampler['name']}" + (f", {world} ranks" if world > 1 else ""),
-                    total=m.num_samples,
-                )
-                scores, preview = metrics.evaluate(
-                    module,
-                    detector,
-                    reference,
-                    m.num_samples,
-                    w,
-                    settings,
-                    m.batch_size,
-                    sampler,
-                    progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples),
-                )
-        finally:
-            if world > 1:
-                torch.distributed.destroy_process_group()
-        if rank > 0:  # the same numbers as rank 0's (the metric states are synced); rank 0 writes them
+        sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else dict(hp.sampler)
+        w = (hp.guidance["w"] if cfg.guidance.w is None else float(cfg.guidance.w)) if hp.conditional else 0.0
+        scores, preview = generated(cfg, module, detector, reference, settings, sampler, w)
+        if scores is None:  # not rank 0: the same numbers as rank 0's (the metric states are synced); rank 0 writes
             return
-    num_samples = floor["num_samples"] if cfg.real else m.num_samples
     scores = {k: v for k, v in scores.items() if k != "num_samples"}
     results = dict(
-        model="improved" if hp.conditional else "simple",
-        classes=list(hp.class_names),
-        sampler=sampler["name"],
-        steps=sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None),
-        w=None if cfg.real else w,
+        model="images" if module is None else "improved" if hp.conditional else "simple",
+        classes=class_names,
+        sampler=None if sampler is None else sampler["name"],
+        steps=None
+        if sampler is None
+        else sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None),
+        w=w,
         num_samples=num_samples,
-        seed=None if cfg.real else m.seed,
+        seed=None if sampler is None or cfg.real else m.seed,
         **scores,
         fid_floor=floor["fid"],
         kid_floor=floor["kid_mean"],
         class_acc_floor=floor.get("class_acc"),
         memorized_floor=floor.get("memorized"),
         seconds=round(time.perf_counter() - start, 2),
-        ckpt=str(cfg.ckpt),
-        key=job_key(cfg),
+        ckpt=cfg.ckpt,
+        images=cfg.images,
+        key=key,
     )
     if preview is not None and len(preview):
-        save_png(nearest_grid(preview, train_images), run_dir / "nearest.png", "the nearest-training-image grid")
+        save_png(
+            nearest_grid(preview, reference["training_set"]), run_dir / "nearest.png", "the nearest-training-image grid"
+        )
     write_json(run_dir / "results.json", results, "the evaluation results")
     write_csv(run_dir / "results.csv", [results], FIELDS, "the evaluation results")
     log.info(f"{describe(results)} -> {run_dir / 'results.json'}")
-    log_to_wandb(cfg, run_dir, results, preview, hp.class_names if hp.conditional else None)
+    class_names = class_names if module is None or hp.conditional else None
+    log_to_wandb(cfg, run_dir, results, preview, class_names, None if given is None else given[1])
 
 
-def nearest_grid(images: torch.Tensor, train_images: torch.Tensor, rows: int = 16) -> torch.Tensor:
+def generated(cfg, module, detector, reference, settings, sampler, w) -> tuple[dict | None, torch.Tensor | None]:
+    """The metrics of metrics.num_samples images of the checkpoint, split over the ranks under srun or torchrun; and
+    the first 64 images. Ranks other than 0 get (None, None)."""
+    m = cfg.metrics
+    rank, world = cluster.start_ranks(module.device)
+    try:
+        with Progress(disable=rank > 0) as bar:
+            task = bar.add_task(
+                f"{m.num_samples} samples, {sampler['name']}" + (f", {world} ranks" if world > 1 else ""),
+                total=m.num_samples,
+            )
+            scores, preview = metrics.evaluate(
+                module,
+                detector,
+                reference,
+                m.num_samples,
+                w,
+                settings,
+                m.batch_size,
+                sampler,
+                progress=lambda done, chunks: bar.update(task, completed=done / chunks * m.num_samples),
+            )
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return (scores, preview) if rank == 0 else (None, None)
+
+
+def nearest_grid(images: torch.Tensor, training_set: metrics.TrainingSet, rows: int = 16) -> torch.Tensor:
     """Memorization, to look at: of the preview's images, the ``rows`` with the smallest d1/d2, each followed by its
     nearest and second-nearest training image (two such triples per row, the most copy-like first)."""
-    images = images.cpu()
-    d, i = metrics.nearest_training_images(images, train_images)
-    order = (d[:, 0] / d[:, 1]).argsort()[:rows]
-    triples = torch.stack([images[order], train_images[i[order, 0]], train_images[i[order, 1]]], 1).flatten(0, 1)
+    d, i = training_set.nearest(images)
+    order = (d[:, 0] / d[:, 1]).argsort()[:rows].cpu()
+    i, train = i.cpu(), training_set.images
+    triples = torch.stack([images.cpu()[order], train[i[order, 0]], train[i[order, 1]]], 1).flatten(0, 1)
     return make_grid(triples, nrow=6, padding=2)
 
 
@@ -203,10 +253,16 @@ def describe(r: dict) -> str:
 
 
 def log_to_wandb(
-    cfg: DictConfig, run_dir: Path, results: dict, images=None, class_names: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    results: dict,
+    images=None,
+    class_names: list[str] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> None:
-    """One W&B run per evaluation, job_type eval, with guidance_w and the trained run's name (train_run) in its config,
-    so that sweeps plot against w; the scores in its summary; the first samples as a table of image, class and w."""
+    """One W&B run per evaluation, job_type eval, with guidance_w and the trained run's name (train_run; for images=PATH
+    its name) in its config, so that sweeps plot against w; the scores in its summary; the first images as a table of
+    image, class and w (a checkpoint's classes are drawn evenly; an image set's are its ``labels``, when it has them)."""
     if cfg.logger.wandb is None:
         return
     import wandb
@@ -218,7 +274,7 @@ def log_to_wandb(
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = w.group or (Path(hc.sweep.dir).name if multirun else None)
-    train_run = Path(cfg.ckpt).resolve().parents[1].name
+    train_run = Path(cfg.ckpt).resolve().parents[1].name if cfg.ckpt else Path(cfg.images).name
     config = {**OmegaConf.to_container(cfg, resolve=True), "guidance_w": results["w"], "train_run": train_run}
     name = w.name or (f"{Path(hc.sweep.dir).name}/{run_dir.name}" if multirun else run_dir.name)
     run = wandb.init(
@@ -233,10 +289,13 @@ def log_to_wandb(
     )
     run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float)) and v is not None})
     if images is not None:
-        labels = even_labels(len(images), len(class_names)).tolist() if class_names else [None] * len(images)
+        if labels is None and cfg.ckpt and class_names:
+            labels = even_labels(len(images), len(class_names))
+        names = [class_names[k] for k in labels[: len(images)].tolist()] if labels is not None else None
+        names = names or ["unconditional" if cfg.ckpt else "unlabelled"] * len(images)
         table = wandb.Table(columns=["image", "class", "w"])
-        for image, label in zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels, strict=False):
-            table.add_data(wandb.Image(image), class_names[label] if class_names else "unconditional", results["w"])
+        for image, name in zip(images.permute(0, 2, 3, 1).cpu().numpy(), names, strict=True):
+            table.add_data(wandb.Image(image), name, results["w"])
         run.log({"samples": table})
     run.finish()
 
@@ -249,7 +308,7 @@ class SweepSummary(Callback):
         sweep = Path(config.hydra.sweep.dir)
         rows = sorted(
             (json.loads(p.read_text()) for p in sweep.glob("*/results.json")),
-            key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"]),
+            key=lambda r: (r["w"] is None, r["w"] or 0.0, r["sampler"] or "", r.get("images") or ""),
         )
         if not rows:
             return

@@ -62,9 +62,9 @@ def run(cfg: DictConfig) -> None:
     for i, image in enumerate(images):
         save_png(image, out / "images" / f"{i:05d}.png")
     names = module.hparams.class_names
-    save_npz(
+    save_npz(  # OpenAI's convention (arr_0: uint8 NHWC), which evaluate.py images=PATH scores
         out / "samples.npz",
-        images=images.permute(0, 2, 3, 1).cpu().numpy(),
+        arr_0=images.permute(0, 2, 3, 1).cpu().numpy(),
         labels=np.array([] if labels is None else labels.numpy()),
         class_names=np.array(names),
     )

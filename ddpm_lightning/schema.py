@@ -101,14 +101,27 @@ class DPMSolverSampler:
 
 
 @dataclass
-class DataConfig:
+class EvalData:
+    """evaluate.py's data: the subset is the checkpoint's, or a data group's (data=cars|five_class|cifar10)."""
+
+    root: str = setting("the folder that holds cifar-10-batches-py/")
+    max_images: Optional[int] = setting(
+        "keep only the first N images of each split (train.py: smoke runs; evaluate.py: the training images the model "
+        "saw, for memorization)"
+    )
+    classes: Optional[List[str]] = setting(
+        "evaluate.py: the subset of images=PATH, from a data group; null: the checkpoint's", default=None
+    )
+
+
+@dataclass
+class DataConfig(EvalData):
     root: str = setting("the folder that holds cifar-10-batches-py/")
     classes: List[str] = setting("the CIFAR-10 classes of the subset")
     batch_size: int = setting("training batch size per device (each rank draws this many images a step)")
     flip: bool = setting("random horizontal flips")
     download: bool = setting("download CIFAR-10 when it is not at data.root")
     url: str = setting("where to download it from")
-    max_images: Optional[int] = setting("keep only the first N images of each split (smoke runs)")
 
 
 @dataclass
@@ -310,14 +323,6 @@ class DataRoot:
 
 
 @dataclass
-class EvalData:
-    root: str = setting("the folder that holds cifar-10-batches-py/")
-    max_images: Optional[int] = setting(
-        "the training images the model saw, the first N of the subset (for memorization); null: all"
-    )
-
-
-@dataclass
 class EvaluateConfig:
     metrics: MetricsConfig = setting("FID/KID/IS settings", node=MetricsConfig)
     speed: SpeedConfig = setting("sampling speed options for this device", node=SpeedConfig)
@@ -325,11 +330,18 @@ class EvaluateConfig:
     sampler: Any = setting(
         "sampler=ancestral|ddim|dpm_solver (then sampler.* as in train.py); default the checkpoint's", default=None
     )
-    ckpt: str = setting("a checkpoint written by train.py")
+    ckpt: Optional[str] = setting("a checkpoint written by train.py (or images=PATH)", default=None)
+    images: Optional[str] = setting(
+        "score these images instead of a checkpoint's: a folder of PNG/JPEG files (class subfolders for labels) or an "
+        ".npz (arr_0: uint8 N x H x W x 3; labels: arr_1 or labels), with data=cars|five_class|cifar10",
+        default=None,
+    )
     guidance: EvalGuidance = setting("guidance", node=EvalGuidance)
     real: bool = setting("score real test images instead: the floor")
     device: str = setting("auto, cpu, cuda, cuda:N or mps")
-    data: EvalData = setting("data", node=EvalData)
+    data: EvalData = setting(
+        "data=cars|five_class|cifar10, or data.root alone (the checkpoint's subset)", node=EvalData
+    )
 
 
 @dataclass
@@ -599,11 +611,22 @@ def check(cfg: DictConfig, entry: str) -> None:
             )
     if entry == "config":
         relations(cfg)
-    if entry in ("evaluate", "sample"):
-        if not Path(cfg.ckpt).is_file():
-            raise ConfigError(
-                f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
-            )
+    if entry == "evaluate":
+        evaluate_sources(cfg)
+    elif entry == "sample" and not Path(cfg.ckpt).is_file():
+        raise ConfigError(
+            f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
+        )
+    if (
+        entry in ("config", "evaluate")
+        and cfg.metrics.reference_split == "test"
+        and cfg.metrics.reference_images is None
+    ):
+        raise ConfigError(
+            "metrics.reference_split=test with metrics.reference_images=null puts every test image in the reference and "
+            "leaves none for the floor; set metrics.reference_images=N below the subset's test images (the floor uses "
+            "the ones after them), or metrics.reference_split=train"
+        )
     if entry == "report" and not Path(cfg.runs).is_dir():
         raise ConfigError(f"runs={cfg.runs} is not a folder; pass the paper.dir of a make paper run")
     if (
@@ -614,6 +637,35 @@ def check(cfg: DictConfig, entry: str) -> None:
         raise ConfigError(
             f"metrics.inception_weights={cfg.metrics.inception_weights} does not exist; point it at an FID Inception state dict"
         )
+
+
+def evaluate_sources(cfg: DictConfig) -> None:
+    """evaluate.py scores one source: a checkpoint's samples (or, with real=true, the subset's test images), or images."""
+    if (cfg.ckpt is None) == (cfg.images is None):
+        raise ConfigError(
+            "evaluate.py scores a checkpoint or a set of images: pass ckpt=PATH, or images=PATH (a folder or .npz) "
+            "with data=cars|five_class|cifar10" + (", not both" if cfg.ckpt is not None else "")
+        )
+    if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
+        raise ConfigError(
+            f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
+        )
+    if cfg.images is None:
+        return
+    if not Path(cfg.images).exists():
+        raise ConfigError(f"images={cfg.images} does not exist; pass a folder of PNG/JPEG files or an .npz")
+    if cfg.data.classes is None:
+        raise ConfigError(
+            f"images={cfg.images} needs the subset it is scored against: add data=cars|five_class|cifar10 "
+            "(train.py's data groups)"
+        )
+    given = [
+        k
+        for k, v in (("real", cfg.real), ("guidance.w", cfg.guidance.w), ("sampler", cfg.sampler))
+        if v is not None and v is not False
+    ]
+    if given:
+        raise ConfigError(f"{', '.join(given)} is a setting of a checkpoint's sampling; drop it with images=PATH")
 
 
 def relations(cfg: DictConfig) -> None:
@@ -676,6 +728,8 @@ def leaves(schema, cfg: DictConfig | None = None, prefix: str = ""):
     for f in fields(schema):
         key = f"{prefix}{f.name}"
         sub = f.default_factory if f.default_factory is not MISSING and is_dataclass(f.default_factory) else None
+        if sub is not None and cfg is not None and isinstance(_get(cfg, key), DictConfig):
+            sub = OmegaConf.get_type(_get(cfg, key)) or sub  # as composed: evaluate.py's data=<group> is a DataConfig
         if f.type is Any and key in ("schedule", "sampler"):  # the schema of the chosen option
             name = f"{key}.kind" if key == "schedule" else f"{key}.name"
             chosen = _get(cfg, name) if cfg is not None and _get(cfg, key) is not None else None

@@ -11,10 +11,17 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def make_cifar(
-    root: Path, n_train: int = 20, n_test: int = 10, labels: tuple = tuple(range(10)), seed: int = 0
+    root: Path,
+    n_train: int = 20,
+    n_test: int = 10,
+    labels: tuple = tuple(range(10)),
+    seed: int = 0,
+    natural: bool = False,
 ) -> Path:
     """A tiny CIFAR-10 copy in the official python format; each class is an easily learned picture:
-    a flat colour of its own with a little noise. n_train/n_test are per class, train split over 5 batches."""
+    a flat colour of its own with a little noise (``natural``: half that colour, half a smooth random field of
+    natural_images, so that every image differs from every other). n_train/n_test are per class, train split over 5
+    batches."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -23,6 +30,9 @@ def make_cifar(
     def batch(n_per_class):
         y = np.array([c for _ in range(n_per_class) for c in labels])
         x = colours[y][:, :, None] + rng.integers(-8, 9, size=(len(y), 3, 1024))
+        if natural:
+            fields = natural_images(len(y), seed=int(rng.integers(1 << 30))).numpy().reshape(len(y), 3, 1024)
+            x = colours[y][:, :, None] // 2 + fields // 2
         return np.clip(x, 0, 255).astype(np.uint8).reshape(len(y), 3072), y.tolist()
 
     x, y = batch(n_train)

@@ -4,8 +4,12 @@ import csv
 import json
 import subprocess
 
+import numpy as np
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, make_cifar
+
+from ddpm_lightning.data import load_subset
 
 
 def run(python, script, *args):
@@ -58,6 +62,36 @@ def test_evaluate_py_writes_results_and_logs_to_wandb(python, smoke_run, detecto
     )
     assert "FID" in p.stderr + p.stdout and "real-data floor" in p.stderr + p.stdout
     assert list((tmp_path / "e" / "wandb").glob("offline-run-*"))
+
+
+def test_evaluate_py_flags_training_images_shifted_by_a_pixel_and_not_test_images(python, detector_file, tmp_path):
+    """Any model's images as an .npz: training images moved down by one pixel are copies; real test images are not,
+    and 0 copies of N still gets an interval whose upper end is above 0."""
+    root = make_cifar(tmp_path / "cifar", n_train=60, n_test=20, labels=(1, 3), natural=True)
+    folder, classes = root / "cifar-10-batches-py", ["automobile", "cat"]
+    train, test = (load_subset(folder, classes, split)[0] for split in ("train", "test"))
+    shifted = torch.cat([train[..., :1, :], train[..., :-1, :]], -2)  # down by one pixel, the top row repeated
+    for name, images in (("shifted", shifted), ("test", test)):
+        np.savez(tmp_path / f"{name}.npz", images.permute(0, 2, 3, 1).numpy())
+    sweep = tmp_path / "sweep"
+    p = run(
+        python,
+        "evaluate.py",
+        "-m",
+        f"images={tmp_path / 'shifted.npz'},{tmp_path / 'test.npz'}",
+        "data=cars",
+        "data.classes=[automobile,cat]",
+        f"data.root={root}",
+        f"metrics.inception_weights={detector_file}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["images"]: r for r in (json.loads(q.read_text()) for q in sweep.glob("*/results.json"))}
+    copies, real = rows[str(tmp_path / "shifted.npz")], rows[str(tmp_path / "test.npz")]
+    assert copies["memorized"] >= 0.9 and copies["num_samples"] == 120
+    assert real["memorized"] <= 0.05 and real["memorized_ci95"][1] > 0 and real["num_samples"] == 40
 
 
 def test_evaluate_py_scores_real_images_as_the_floor(python, smoke_run, detector_file, tmp_path):

@@ -167,10 +167,34 @@ def test_the_floor_is_cached_and_says_when_the_test_split_is_short(detector, tmp
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setattr(metrics.reference, "score_real", metrics_score)
         first = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
-        assert "the test split has 8 images of the subset, fewer than metrics.num_samples=20" in caplog.text
+        assert (
+            "the test split has 8 images of the subset that the reference did not see, fewer than metrics.num_samples=20"
+            in caplog.text
+        )
         again = metrics.floor(detector, reference, natural_images(8, seed=4), 20, SETTINGS, tmp_path, batch_size=8)
     assert calls == [8] and first == again and first["num_samples"] == 8
     assert first["fid"] > 0 and first["fid_ci95"][0] < first["fid"] < first["fid_ci95"][1]
+
+
+def test_a_floor_beside_a_test_split_reference_is_scored_on_test_images_the_reference_did_not_see(
+    detector_file, tmp_path, monkeypatch
+):
+    test, labels = natural_images(24, seed=6), torch.arange(24) % 2
+    settings = {**SETTINGS, "prc": False}
+    detector, reference = metrics.detector_and_reference(
+        str(detector_file), ["a", "b"], test, "test", 12, tmp_path, 12, "cpu", labels=labels
+    )
+    scored, real_score = [], metrics.score_real
+    monkeypatch.setattr(metrics.reference, "score_real", lambda *a, **k: scored.append(a[2]) or real_score(*a, **k))
+    floor = metrics.floor(detector, reference, test, 12, settings, tmp_path, 12, test_labels=labels)
+    assert len(scored) == 1 and torch.equal(scored[0], test[12:])  # the 12 after the reference's 12
+    self_scored = real_score(detector, reference, test[:12], settings, 12, labels=labels[:12])
+    assert self_scored["fid"] < 1e-3 < floor["fid"]  # scored on its own reference, a set looks perfect
+    _, everything = metrics.detector_and_reference(
+        str(detector_file), ["a", "b"], test, "test", None, tmp_path, 12, "cpu"
+    )
+    with pytest.raises(ConfigError, match="the floor has no test images of its own: the reference holds all 24"):
+        metrics.floor(detector, everything, test, 12, settings, tmp_path, 12)
 
 
 @pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason="../shared weights not present")
@@ -297,7 +321,7 @@ def colour_reference(detector, tmp_path, n: int = 30, train: torch.Tensor | None
     )
     reference["probe"] = metrics.class_probe(reference["features"], labels, 3, reference["name"], tmp_path)
     if train is not None:
-        reference["train_images"] = train
+        reference["training_set"] = metrics.TrainingSet(train)
     return reference
 
 

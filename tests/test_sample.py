@@ -1,6 +1,8 @@
 """sample.py end to end on a smoke checkpoint, and the samplers' shared properties."""
 
+import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,15 +79,42 @@ def test_sample_py_writes_grid_pngs_npz_and_strips(python, smoke_run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     a = tmp_path / "a"
     npz = np.load(a / "samples.npz")
-    assert npz["images"].shape == (6, 32, 32, 3) and npz["images"].dtype == np.uint8
+    assert npz["arr_0"].shape == (6, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["labels"].tolist() == [1] * 6 and npz["class_names"].tolist() == ["automobile", "cat"]
     assert sorted(f.name for f in (a / "images").iterdir()) == [f"{i:05d}.png" for i in range(6)]
-    assert np.array_equal(np.asarray(Image.open(a / "images" / "00004.png")), npz["images"][4])
+    assert np.array_equal(np.asarray(Image.open(a / "images" / "00004.png")), npz["arr_0"][4])
     assert Image.open(a / "reverse_diffusion.png").size == (2 + 5 * 34, 36)
     assert Image.open(a / "forward_diffusion.png").size == (2 + 5 * 34, 36)
     assert Image.open(a / "grid.png").size == (2 + 3 * 34, 2 + 2 * 34)
     assert sample(python, *args, f"out={tmp_path / 'b'}").returncode == 0
-    assert np.array_equal(np.load(tmp_path / "b" / "samples.npz")["images"], npz["images"])  # same seed, same images
+    assert np.array_equal(np.load(tmp_path / "b" / "samples.npz")["arr_0"], npz["arr_0"])  # same seed, same images
+
+
+def test_sample_py_npz_and_png_folder_are_scored_by_evaluate_py_as_any_images(
+    python, smoke_run, detector_file, tmp_path
+):
+    """The round trip: sample.py's samples.npz (with labels) and its images/ folder (without) go into one
+    evaluate.py -m images=... sweep, which writes a checkpoint evaluation's results.json for each, and the summary."""
+    run_dir, root = smoke_run
+    ckpt = f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"
+    assert sample(python, ckpt, "n=6", "classes=[cat]", "sampler.steps=3", f"out={tmp_path / 'a'}").returncode == 0
+    sweep = tmp_path / "sweep"
+    p = subprocess.run(
+        [python, str(ROOT / "evaluate.py"), "-m", f"images={tmp_path / 'a' / 'samples.npz'},{tmp_path / 'a' / 'images'}",
+         "data=cars", "data.classes=[automobile,cat]", f"data.root={root}", f"metrics.inception_weights={detector_file}",
+         f"metrics.cache_dir={tmp_path / 'cache'}", "logger=csv", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {Path(r["images"]).name: r for r in (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))}
+    labelled, folder = rows["samples.npz"], rows["images"]
+    for r in (labelled, folder):
+        assert {"fid_ci95", "kid_ci95", "kid_floor", "memorized_floor", "nn_ratio_median", "key"} <= set(r)
+        assert r["model"] == "images" and r["num_samples"] == 6 and r["fid"] > 0
+        assert r["fid_floor"] > 0 and 0 <= r["memorized"] <= 1 and r["memorized_ci95"][1] > 0
+    assert labelled["fid"] == pytest.approx(folder["fid"], rel=1e-5)  # the same pixels, through PNG and npz
+    assert 0 <= labelled["class_acc"] <= 1 and folder.get("class_acc") is None  # labels: only the npz has them
+    assert "| None |" in (sweep / "summary.md").read_text() and (sweep / "summary.csv").is_file()
 
 
 @pytest.mark.parametrize(

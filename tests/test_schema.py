@@ -196,6 +196,21 @@ BAD = [  # (entry point, arguments, what the line says)
     ("evaluate", ["device=gpu7"], "device=gpu7 must be auto, cpu, cuda, cuda:N or mps"),
     ("evaluate", ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0 must be >= 1"),
     ("evaluate", ["-m", "guidance.w=0,1,bad"], "guidance.w=bad must be a number >= -1"),
+    (
+        "evaluate",
+        ["images=README.md"],
+        "evaluate.py scores a checkpoint or a set of images: pass ckpt=PATH, or images=",
+    ),
+    (
+        "evaluate",
+        ["metrics.reference_split=test"],
+        "puts every test image in the reference and leaves none for the floor",
+    ),
+    (
+        "config",
+        ["metrics.reference_split=test"],
+        "puts every test image in the reference and leaves none for the floor",
+    ),
     ("sample", ["n=0"], "n=0 must be >= 1"),
     ("sample", ["batch_size=0"], "batch_size=0 must be >= 1"),
     ("sample", ["strips.frames=1"], "strips.frames=1 must be >= 2"),
@@ -216,6 +231,10 @@ def test_bad_values_are_one_line_exit_2_and_write_nothing(files, capsys, entry, 
         ("evaluate", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
         ("sample", ["ckpt=/nonexistent.ckpt"], "checkpoint ckpt=/nonexistent.ckpt does not exist"),
         ("report", ["runs=/nonexistent"], "runs=/nonexistent is not a folder"),
+        ("evaluate", ["images=/nonexistent.npz", "data=cars"], "images=/nonexistent.npz does not exist"),
+        ("evaluate", [f"images={ROOT / 'README.md'}"], "needs the subset it is scored against: add data=cars|"),
+        ("evaluate", [f"images={ROOT / 'README.md'}", "data=cars", "guidance.w=0"], "guidance.w is a setting of a"),
+        ("evaluate", [], "evaluate.py scores a checkpoint or a set of images"),
     ],
 )
 def test_missing_files_are_refused_before_anything_runs(files, capsys, entry, args, says):

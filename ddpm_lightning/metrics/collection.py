@@ -28,8 +28,8 @@ def metric_collection(detector: Inception, reference: dict, num_images: int, set
         metrics["prc"] = PrecisionRecall(reference["features"])
     if reference.get("probe") is not None:
         metrics["class_acc"] = ClassAgreement(reference["probe"], b, seed)
-    if reference.get("train_images") is not None:
-        metrics["memorized"] = Memorization(reference["train_images"], b, seed)
+    if reference.get("training_set") is not None:
+        metrics["memorized"] = Memorization(reference["training_set"], b, seed)
     device = next(detector.parameters()).device
     return MetricCollection(metrics, compute_groups=False).to(
         "cpu" if device.type == "mps" else device

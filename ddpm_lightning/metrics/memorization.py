@@ -35,9 +35,11 @@ def coarse(x: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingSet:
-    """The training images prepared once for ``nearest``: comparable, their mirrors, and their 8 x 8 versions."""
+    """The training images (uint8, kept as ``images``) prepared once for ``nearest``: comparable, their mirrors, and
+    their 8 x 8 versions, on ``device``."""
 
     def __init__(self, train_images: torch.Tensor, device: torch.device | str = "cpu", chunk: int = 4096):
+        self.images = train_images
         self.x = torch.cat([comparable(t.to(device)) for t in train_images.split(chunk)])
         self.low = torch.stack([coarse(self.x), coarse(self.x.flip(-1))])  # (2, N, 192)
 
@@ -89,14 +91,11 @@ class Memorization(InImageOrder):
     Yoon et al. 2023 and Gu et al. 2025, on a distance that survives shifts, mirrors, zoom, colour changes, noise and
     blur), with its exact 95% interval (metrics.bootstrap > 0), and the median d1 / d2."""
 
-    def __init__(self, train_images: torch.Tensor, resamples: int = 0, seed: int = 0):
+    def __init__(self, training_set: TrainingSet, resamples: int = 0, seed: int = 0):
         super().__init__()
-        self.train_images, self.resamples = train_images, resamples
-        self.training_set = None
+        self.training_set, self.resamples = training_set, resamples
 
     def update(self, images: torch.Tensor, index: torch.Tensor) -> None:
-        if self.training_set is None:
-            self.training_set = TrainingSet(self.train_images, images.device)
         d, _ = self.training_set.nearest(images)
         self.add(d[:, 0] / d[:, 1].clamp(min=1e-12), index)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ddpm_lightning import files
+from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.metrics.collection import metric_collection, scores_of, settings_of
 from ddpm_lightning.metrics.detector import (
     Inception,
@@ -16,6 +17,7 @@ from ddpm_lightning.metrics.detector import (
     load_inception,
     progress_bar,
 )
+from ddpm_lightning.metrics.memorization import TrainingSet
 from ddpm_lightning.metrics.probe import class_probe
 from ddpm_lightning.metrics.stats import statistics
 
@@ -87,16 +89,18 @@ def detector_and_reference(
     """What every evaluation needs, checked before any work: the detector (on ``device``) and the reference statistics
     of the first ``limit`` (or all) real images of the subset's ``split``, from the cache when it has them; with the
     images' ``labels`` and more than one class, the class probe on their features (cached with them); with
-    ``train_images`` (what the model trained on), what memorization is measured against."""
+    ``train_images`` (what the model trained on), the TrainingSet that memorization is measured against, prepared
+    once. The reference keeps its ``split`` and size, so that the floor is scored on other images (``floor``)."""
     detector = load_inception(weights).to(device)
     images = images[:limit] if limit else images
     key = dict(classes=list(classes), split=split, detector=detector_id(weights))
-    reference = reference_statistics(detector, images, key, cache_dir, batch_size)
+    reference = {**reference_statistics(detector, images, key, cache_dir, batch_size), "split": split}
+    reference["num_images"] = len(images)
     if labels is not None and len(classes) > 1:
         labels = labels[:limit] if limit else labels
         reference["probe"] = class_probe(reference["features"], labels, len(classes), reference["name"], cache_dir)
     if train_images is not None:
-        reference["train_images"] = train_images
+        reference["training_set"] = TrainingSet(train_images, device)
         reference["train_images_sha1"] = hashlib.sha1(train_images.numpy().tobytes()).hexdigest()
     return detector, reference
 
@@ -142,14 +146,24 @@ def floor(
     batch_size: int,
     test_labels: torch.Tensor | None = None,
 ) -> dict:
-    """What a perfect model scores at this N: the metrics of the first N real held-out (test) images of the subset
-    against the same reference (the class agreement with their ``test_labels``; memorization against the same training
-    images), cached per (reference, probe, training images, test images, N, detector, settings). With fewer test
-    images than N it says so and uses them all."""
+    """What a perfect model scores at this N: the metrics of N real held-out (test) images of the subset against the
+    same reference (the class agreement with their ``test_labels``; memorization against the same training images),
+    cached per (reference, probe, training images, test images, N, detector, settings). The images are ones the
+    reference (and the probe fitted on it) did not see: the first N of the test split, or, when the reference is made
+    of the first test images, the N after them. With fewer such images than N it says so and uses them all."""
+    if reference.get("split") == "test":
+        seen = reference["num_images"]
+        test_images = test_images[seen:]
+        test_labels = None if test_labels is None else test_labels[seen:]
+        if not len(test_images):
+            raise ConfigError(
+                f"the floor has no test images of its own: the reference holds all {seen} of the subset's test images "
+                "(metrics.reference_split=test); set metrics.reference_images below that, or metrics.reference_split=train"
+            )
     if len(test_images) < num_samples:
         log.warning(
-            f"the floor: the test split has {len(test_images)} images of the subset, fewer than metrics.num_samples="
-            f"{num_samples}; the floor is computed at N={len(test_images)} and is higher than at N={num_samples}"
+            f"the floor: the test split has {len(test_images)} images of the subset that the reference did not see, "
+            f"fewer than metrics.num_samples={num_samples}; the floor is computed at N={len(test_images)} and is higher than at N={num_samples}"
         )
     images = test_images[:num_samples]
     labels = None if test_labels is None or reference.get("probe") is None else test_labels[:num_samples]
