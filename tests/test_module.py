@@ -1,9 +1,11 @@
 import copy
-from collections import Counter
+import traceback
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -137,37 +139,67 @@ def test_ema_warmup_follows_tensorflows_num_updates_decay():
     assert torch.prod(ema_decay(torch.arange(1, 3900, dtype=torch.float64), 0.9999, True)).item() < 1e-20
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (.item(), bool(), int(): aten._local_scalar_dense)."""
+aten = torch.ops.aten
+FROM_HOST = {aten.lift_fresh.default, aten.lift_fresh_copy.default, aten.scalar_tensor.default}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Host-device traffic, as the ops that make it: "read" (the host reads a device value: .item(), bool(), int(),
+    aten._local_scalar_dense), "from host" (a tensor made from Python data: torch.tensor, new_tensor, as_tensor
+    (aten.lift_fresh) and torch.scalar_tensor; on a GPU a blocking copy from pageable memory) and "copy" (a copy
+    between devices). On the CPU they are the same ops as on a GPU, so the guard holds there too. Each event keeps
+    the line of this project that caused it."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.events = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default:
+            kind = "read"
+        elif func in FROM_HOST:
+            kind = "from host"
+        elif func is aten._to_copy.default and kwargs.get("device") not in (None, args[0].device):
+            kind = "copy"
+        elif func is aten.copy_.default and args[0].device != args[1].device:
+            kind = "copy"
+        else:
+            return func(*args, **kwargs)
+        self.events.append((kind, str(func), caller()))
+        return func(*args, **kwargs)
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for k, _, _ in self.events)
 
 
-class ReadsPerStep(L.Callback):
-    """Host reads per training step, counted from on_train_batch_start of the first callback in the list to
-    on_train_batch_end of ``self.stop``, the last one (so the other callbacks' work is inside)."""
+def caller() -> str:
+    """The innermost frame of this repository's code (not tests/) that led to the op."""
+    for frame in reversed(traceback.extract_stack()):
+        if str(ROOT) in frame.filename and not any(p in frame.filename for p in ("/tests/", "/.venv/")):
+            return f"{Path(frame.filename).name}:{frame.lineno} {frame.line}"
+    return "outside this project"
+
+
+class TrafficPerStep(L.Callback):
+    """Host-device traffic per training step, from on_train_batch_start of the first callback in the list to
+    on_train_batch_end of ``self.stop``, the last one (so the step, the other callbacks and the optimizer are inside)."""
 
     def __init__(self):
-        self.reads, self.mode, self.stop = Counter(), None, StopCounting(self)
+        self.steps, self.mode, self.stop = {}, None, StopCounting(self)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.mode = HostReads()
+        self.mode = HostTraffic()
         self.mode.__enter__()
 
 
 class StopCounting(L.Callback):
-    def __init__(self, probe: ReadsPerStep):
+    def __init__(self, probe: TrafficPerStep):
         self.probe = probe
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.probe.mode.__exit__(None, None, None)
-        self.probe.reads[trainer.global_step] = self.probe.mode.count
+        self.probe.steps[trainer.global_step] = self.probe.mode
 
 
 LEVERS = dict(
@@ -176,13 +208,14 @@ LEVERS = dict(
 
 
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["paper", "every recipe lever"])
-def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path, levers):
-    """The training step, the EMA update and the progress bar queue their work and never wait for the device,
-    except where they are meant to: the non-finite check (every nonfinite_check_every steps), the progress bar's
-    loss (every refresh_rate steps) and the first EMA update (once); also with every lever of conf/recipe on
-    (Min-SNR weights, the LR schedule, dropout, AdamW, gradient clipping)."""
+def test_training_steps_make_no_host_device_traffic_but_the_reads_the_design_names(cifar_root, tmp_path, levers):
+    """The training step (forward, loss, the non-finite skip, logging), the optimizer, the EMA update and the
+    progress bar queue their work: no tensor from host data, no copy between devices, and no read of a device value
+    except where the design names one: the non-finite check (every nonfinite_check_every steps), the progress bar's
+    loss (every refresh_rate steps) and the first EMA update (once); also with every lever of conf/recipe on (Min-SNR
+    weights, the LR schedule, dropout, AdamW, gradient clipping)."""
     torch.manual_seed(0)
-    probe, bar = ReadsPerStep(), ProgressBar(refresh_rate=7)
+    probe, bar = TrafficPerStep(), ProgressBar(refresh_rate=7)
     trainer = L.Trainer(
         max_steps=12,
         logger=False,
@@ -198,10 +231,32 @@ def test_training_steps_read_nothing_back_from_the_device(cifar_root, tmp_path, 
         module(nonfinite_check_every=5, recipe=levers),
         datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4),
     )
-    step_reads = {step: n for step, n in probe.reads.items() if n}
+    first = [e for e in probe.steps[1].events if e[0] != "read"]
+    assert all("self.log(" in e[2] for e in first), first  # Lightning's logging state, made once at the first step
+    other = [(s, e) for s, mode in probe.steps.items() if s > 1 for e in mode.events if e[0] != "read"]
+    assert not other, other
+    reads = {step: mode.count("read") for step, mode in probe.steps.items() if mode.count("read")}
     # step 1: the EMA's count and the bar's first loss; 5, 10: the non-finite check; 7: a refresh of the bar
-    assert step_reads == {1: 2, 5: 1, 7: 1, 10: 1}, step_reads
-    assert isinstance(bar.loss, float)
+    assert reads == {1: 2, 5: 1, 7: 1, 10: 1}, {s: m.events for s, m in probe.steps.items()}
+    assert isinstance(bar.loss, float) and len(probe.steps) == 12
+
+
+@pytest.mark.parametrize("sampler", [SAMPLER, dict(name="ddim", steps=5, eta=1.0, spacing="quadratic"),
+                                     dict(name="dpm_solver", steps=5, spacing="uniform")], ids=lambda s: s["name"])  # fmt: skip
+def test_sampler_steps_make_no_host_device_traffic(sampler):
+    """After the set-up of a batch (its noise, the sampler's coefficients), each step of each sampler, guidance
+    included, makes no tensor from host data, copies nothing between devices and reads nothing back."""
+    m, labels = module().eval(), torch.tensor([0, 1, 1])
+    per_step, mode = [], HostTraffic()
+
+    def next_step(i, x):
+        per_step.append(mode.events[:])
+        mode.events.clear()
+
+    with mode:
+        m.sample(labels=labels, w=2.0, sampler=sampler, generator=torch.Generator().manual_seed(0), callback=next_step)
+    assert len(per_step) == sampler.get("steps", SCHEDULE["T"])
+    assert not [e for events in per_step[1:] for e in events], per_step[1:]
 
 
 def test_sampling_is_one_graph_with_static_shapes(monkeypatch):
