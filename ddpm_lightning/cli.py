@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ddpm_lightning import (
+    cluster,
     files,
     schema,  # importing it registers the schema with Hydra's ConfigStore, before any composition
 )
@@ -133,6 +134,8 @@ def preflight(config_name: str, argv: list[str]) -> None:
         )
     if not multirun and "hydra.run.dir" in " ".join(argv) or multirun and "hydra.sweep.dir" in " ".join(argv):
         files.writable_dir(out)  # the default dirs are made by Hydra itself
+    if config_name == "config" and not multirun and "hydra.run.dir" in " ".join(argv) and cluster.global_rank() == 0:
+        files.own_run_dir(out)  # before Hydra writes its .hydra/ files there: one training per run dir
 
 
 def check_launcher(cfg, multirun: bool, swept: list[str]) -> None:

@@ -117,6 +117,8 @@ def run(cfg: DictConfig) -> None:
                 f"guidance.w={cfg.guidance.w} given to the unconditional model (model=simple); drop guidance.w"
             )
     run_dir = files.writable_dir(HydraConfig.get().runtime.output_dir)
+    if cluster.global_rank() == 0:
+        files.remove_leftovers(run_dir)  # temp files of an evaluation killed while writing here
     folder = ensure_cifar10(cfg.data.root, download=True)
     splits = {
         split: load_subset(folder, class_names, split) for split in {"train", "test", m.reference_split}

@@ -4,15 +4,22 @@ either the old complete file or the new complete file, whatever kills the proces
 or a read-only place (ENOSPC, EDQUOT, EROFS) becomes a ``DiskFull`` (a ConfigError: one line, exit 2) that names the
 path, what was written and how much room it needed; the temp file is removed and the target keeps its old content.
 
-Temp files are named ``.<name>.ddpm-tmp-<pid>`` so that ``remove_leftovers`` can recognise, at the next start in a
-dir, those that a killed run left behind."""
+Temp files are named ``.<name>.ddpm-tmp-<host>-<pid>-<random>``, so that no two processes anywhere collide on a
+shared filesystem, and the writer holds an exclusive lock (flock) on its temp file until it is in place:
+``remove_leftovers`` takes only the temp files it can lock, which no live writer holds, whatever host or container
+(PID namespace) it runs in. Where the filesystem has no working locks, only temp files older than STALE_AFTER_S are
+taken. A run dir is owned by one training at a time (``own_run_dir``)."""
 
 import errno
+import fcntl
 import io
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,20 +29,48 @@ log = logging.getLogger(__name__)
 
 TMP_MARK = ".ddpm-tmp-"
 NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}  # a filesystem without working flock
+NO_DIR_FSYNC = {errno.EINVAL, errno.EOPNOTSUPP}  # some network and FUSE filesystems refuse to fsync a directory
+STALE_AFTER_S = 3600  # without locks: a temp file this old is a dead writer's (no write here lasts minutes)
 
 
 class DiskFull(ConfigError):
     """A write that found no room (or a read-only filesystem): nothing was lost, free space and rerun."""
 
 
+class _Taken(Exception):
+    """A clean-up elsewhere took this temp file in the instant before its writer locked it."""
+
+
 def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    return path.with_name(f".{path.name}{TMP_MARK}{host}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _lock(fd: int) -> bool:
+    """An exclusive flock on ``fd`` without waiting: True when taken, False when another process holds it; where
+    the filesystem has no working locks, True (the age rule of remove_leftovers applies there)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in NO_LOCKS:
+            return True
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable; a filesystem that cannot fsync a directory is skipped with a debug line, a real I/O
+    error fails."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in NO_DIR_FSYNC:
+            raise
+        log.debug(f"the filesystem of {directory} cannot fsync a directory ({e.strerror}); the file itself was fsynced")
     finally:
         os.close(fd)
 
@@ -71,14 +106,28 @@ def atomic_write(path: str | Path, write: Callable[[io.BytesIO], None], what: st
     buffer = io.BytesIO()
     write(buffer)
     data = buffer.getbuffer()
+    try:
+        for attempt in (1, 2):
+            try:
+                return _write_locked(path, data, what)
+            except _Taken:
+                if attempt == 2:
+                    raise OSError(errno.EAGAIN, f"a clean-up in {path.parent} took the temp file twice") from None
+    finally:
+        data.release()
+
+
+def _write_locked(path: Path, data: memoryview, what: str) -> None:
     tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+            if not _lock(f.fileno()):  # held until the file is in place (closed after os.replace)
+                raise _Taken()
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -88,8 +137,6 @@ def atomic_write(path: str | Path, write: Callable[[io.BytesIO], None], what: st
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        data.release()
 
 
 def write_bytes(path: str | Path, data: bytes, what: str = "a file") -> None:
@@ -176,32 +223,68 @@ def checkpoint_io():
     return AtomicCheckpointIO()
 
 
-def remove_leftovers(directory: str | Path) -> list[Path]:
-    """Remove the temp files that a killed run left under ``directory`` (only ours: ``.*.ddpm-tmp-<pid>`` of a process
-    that no longer runs); returns what was removed."""
+def remove_leftovers(directory: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove the temp files (``.*.ddpm-tmp-*``) in ``directory`` (and below it, ``recursive``: only a dir the caller
+    owns, such as a training's run dir) that no live writer holds: those this process can lock, or, on a
+    filesystem without working locks, those older than STALE_AFTER_S. Returns what was removed."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
-    for tmp in directory.rglob(f".*{TMP_MARK}*"):
-        pid = tmp.name.rsplit(TMP_MARK, 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):  # a write in progress
+    for tmp in (directory.rglob if recursive else directory.glob)(f".*{TMP_MARK}*"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:  # gone meanwhile (its writer put it in place), or not a file
             continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no live writer holds it
+            dead = True
+        except BlockingIOError:
+            dead = False
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            dead = time.time() - os.fstat(fd).st_mtime > STALE_AFTER_S
+        try:
+            if dead:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        finally:
+            os.close(fd)
     if removed:
         log.info(f"removed {len(removed)} temp file(s) left by a killed run under {directory}")
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class RunDirInUse(ConfigError):
+    """Another live training writes this run dir."""
+
+
+_owned: dict[Path, int] = {}  # run dir -> the fd whose lock this process holds until it exits
+
+
+def own_run_dir(run_dir: str | Path) -> None:
+    """Take the run dir for this training: an exclusive flock on ``<run_dir>/.run.lock``, held until the process
+    exits (so a killed or requeued run frees it). A second training started on a run dir whose first still lives is
+    refused in one line (two writers would interleave their logs, and the last one's weights would win)."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _owned:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _lock(fd):
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirInUse(
+            f"run dir {run_dir} is in use by a training that is still running ({holder}); wait for it to end, or "
+            "choose another run dir (hydra.run.dir=DIR)"
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(
+        fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+    )
+    _owned[run_dir] = fd
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -209,12 +292,11 @@ def writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
+        probe = temp_path(path / ".write_test")
         probe.touch()
         probe.unlink()
     except OSError as e:
         raise ConfigError(
             f"output dir {path} is not writable ({e.strerror}); choose a writable one (hydra.run.dir=DIR, or out=DIR)"
         ) from None
-    remove_leftovers(path)  # temp files of a run killed while writing here
     return path

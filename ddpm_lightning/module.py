@@ -1,5 +1,6 @@
 """DiffusionModule: the thin Lightning shell around the U-Net, the loss of diffusion/loss.py, Adam and its schedule."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
 from ddpm_lightning.errors import ConfigError, NonFiniteLoss
 from ddpm_lightning.nets.speed import FastNet
 from ddpm_lightning.nets.unet import UNet
+
+log = logging.getLogger(__name__)
 
 
 class DiffusionModule(L.LightningModule):
@@ -43,6 +46,7 @@ class DiffusionModule(L.LightningModule):
         self.stop_check = None
         self.nonfinite_run = None  # consecutive non-finite losses, counted on the device
         self.epoch_loss = None  # (epoch, [sum of loss x images, images]) so far, on the device, kept in checkpoints
+        self.lr_schedule = LRSchedule(recipe["warmup_steps"], recipe["lr_decay"], self.optimizer_steps)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # after Lightning's EMA callback has copied the module
@@ -84,11 +88,12 @@ class DiffusionModule(L.LightningModule):
             self.log("train/loss_epoch", total[0] / total[1], on_step=False, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lr_plan"] = self.lr_schedule.plan
         if self.epoch_loss is not None:
             checkpoint["epoch_loss"] = {"epoch": self.epoch_loss[0], "total": self.epoch_loss[1].cpu()}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        e = checkpoint.get("epoch_loss")
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # before configure_optimizers
+        e, self.lr_schedule.plan = checkpoint.get("epoch_loss"), checkpoint.get("lr_plan")
         self.epoch_loss = None if e is None else (e["epoch"], e["total"])
 
     def skip_if_nonfinite(self, loss: torch.Tensor, micro: int = 0) -> None:
@@ -119,10 +124,10 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self):
-        # the run's steps, read after the first update (before it, a resumed run's loop state is not restored)
-        return adam_and_schedule(
-            self.net.parameters(), self.hparams.lr, self.hparams.recipe, lambda: self.trainer.estimated_stepping_batches
-        )
+        return adam_and_schedule(self.net.parameters(), self.hparams.lr, self.hparams.recipe, self.lr_schedule)
+
+    def optimizer_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)  # read after the first update, when the loop knows it
 
     @torch.no_grad()
     def sample(self, n=None, labels=None, w=None, sampler=None, generator=None, batch_size=500, callback=None):
@@ -151,22 +156,51 @@ class DiffusionModule(L.LightningModule):
         )
 
 
-def adam_and_schedule(params, lr: float, recipe: dict, total_steps):
+def adam_and_schedule(params, lr: float, recipe: dict, schedule: "LRSchedule"):
     """Adam (AdamW with ``recipe["weight_decay"]``), fused, with the recipe's betas; with a warm-up or a cosine decay,
-    also Lightning's per-step LR schedule, whose total ``total_steps()`` is read after the first update."""
+    also Lightning's per-step LR schedule, whose factors ``schedule`` gives."""
     adam = torch.optim.AdamW if recipe["weight_decay"] else torch.optim.Adam
     optimizer = adam(params, lr=lr, betas=tuple(recipe["betas"]), weight_decay=recipe["weight_decay"], fused=True)
     if not recipe["warmup_steps"] and recipe["lr_decay"] == "constant":
         return optimizer  # the paper: a constant rate
-    total = []
-
-    def factor(step: int) -> float:
-        if step and not total:
-            total.append(total_steps())
-        return lr_factor(step, recipe["warmup_steps"], recipe["lr_decay"], total[0] if total else 1)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule(step)
+    )  # its plan: in on_save_checkpoint
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LRSchedule:
+    """The LR factor of each update (lr_factor): the warm-up, then constant or a cosine to 0 at the run's last step.
+    The run's length (``total_steps()``, read after the first update) is kept in the checkpoint with the cosine's
+    start as ``plan``. A resume whose settings give another length (a larger trainer.max_epochs, to train on) keeps
+    the rate reached and decays it by a cosine over the new remaining steps, with one log line: no jump."""
+
+    def __init__(self, warmup_steps: int, decay: str, total_steps):
+        self.warmup_steps, self.decay, self.total_steps = warmup_steps, decay, total_steps
+        self.plan: dict | None = None  # the cosine: from update "start" at "factor" to 0 at update "total"
+        self.checked = False
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps or self.decay == "constant":
+            return lr_factor(step, self.warmup_steps, self.decay, 1)
+        if step and not self.checked:  # the first update of this process
+            self.checked, total = True, self.total_steps()
+            if self.plan is None:
+                self.plan = {"start": self.warmup_steps, "factor": 1.0, "total": total}
+            elif total != self.plan["total"]:
+                factor = self.cosine(step)
+                log.info(
+                    f"the run's length changed from {self.plan['total']} to {total} optimizer steps: the cosine LR "
+                    f"decay goes on from its factor {factor:.4f} at step {step} and reaches 0 at step {total}"
+                )
+                self.plan = {"start": step, "factor": factor, "total": total}
+        return self.cosine(step)
+
+    def cosine(self, step: int) -> float:
+        if self.plan is None:  # update 0, before the length is known
+            return 1.0
+        start, factor, total = self.plan["start"], self.plan["factor"], self.plan["total"]
+        return factor * 0.5 * (1 + math.cos(math.pi * min((step - start) / max(1.0, total - start), 1.0)))
 
 
 def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: float) -> float:

@@ -54,6 +54,8 @@ def run(cfg: DictConfig) -> None:
     module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
     labels = class_labels(module, cfg.classes, cfg.n)
     out = files.writable_dir(cfg.out or HydraConfig.get().runtime.output_dir)
+    for folder in (out, out / "images"):  # temp files of a sampling killed while writing there
+        files.remove_leftovers(folder)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     w = cfg.guidance.w if module.hparams.conditional else None
     generator = torch.Generator(module.device).manual_seed(cfg.seed)

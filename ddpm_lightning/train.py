@@ -90,6 +90,16 @@ def resume_from(cfg: DictConfig, run_dir: Path, module: DiffusionModule) -> tupl
                 f"checkpoint {path} has {key}={hparams.get(key)}, this run {key}={module.hparams[key]}; "
                 "resume with the same model/net/schedule/data settings or use another run dir"
             )
+    old, new = hparams["recipe"], module.hparams["recipe"]
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (betas: a list or a tuple)
+    changed = [k for k in new if plain(old.get(k)) != plain(new[k])]
+    if changed:
+        k = changed[0]
+        raise ConfigError(
+            f"checkpoint {path} was trained with recipe.{k}={old.get(k)}, this run asks recipe.{k}={new[k]}: a resumed "
+            "run keeps its recipe (its loss weighting and LR schedule are part of its state); resume with the "
+            "checkpoint's recipe settings or start a new run dir"
+        )
     log.info(f"resuming from {path}")
     return str(path), step
 
@@ -222,12 +232,24 @@ def run(cfg: DictConfig) -> None:
             wandb.finish()
 
 
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers) -> L.Trainer:
+    """Lightning's Trainer from trainer.* (less what train.py sets itself), the launcher's environment, the recipe's
+    gradient clipping and the crash-safe checkpoint writer."""
+    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in schema.OURS}
+    trainer_args |= cluster.trainer_environment(cfg)
+    clip = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else cfg.trainer.gradient_clip_val  # one setting
+    trainer_args |= {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
+    trainer_args["plugins"] = [*trainer_args.get("plugins", []), files.checkpoint_io()]  # crash-safe checkpoints
+    return L.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=run_dir)
+
+
 def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
     with startup(
         "building the run", cfg=cfg
     ):  # until the first training step: any failure is one line, and nothing is trained
         if cluster.global_rank() == 0:
-            files.remove_leftovers(run_dir)  # temp files of a run killed while writing
+            files.own_run_dir(run_dir)  # one training per run dir
+            files.remove_leftovers(run_dir, recursive=True)  # temp files of a run killed while writing
         L.seed_everything(
             cfg.seed, workers=True
         )  # the initial weights; each step's noise comes from (seed, step, rank)
@@ -238,24 +260,7 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         log_prior_gap(module.schedule)
         callbacks = build_callbacks(cfg, data, run_dir)
         started = callbacks[0]
-        trainer_args = {
-            k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in schema.OURS
-        }
-        trainer_args |= cluster.trainer_environment(cfg)
-        clip = (
-            cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else cfg.trainer.gradient_clip_val
-        )  # one setting, two names
-        trainer_args |= {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
-        trainer_args["plugins"] = [
-            *trainer_args.get("plugins", []),
-            files.checkpoint_io(),
-        ]  # crash-safe checkpoint writes
-        trainer = L.Trainer(
-            **trainer_args,
-            logger=build_loggers(cfg, run_dir, resumed_step),
-            callbacks=callbacks,
-            default_root_dir=run_dir,
-        )
+        trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, resumed_step))
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(
                 f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}"

@@ -1,9 +1,11 @@
 """Crash-safe writes (files.py) on two filesystems: the run dir on a tmpfs of its own, $TMPDIR on the root filesystem,
 as on a cluster (shared run dir, node-local $TMPDIR). Kills during checkpoint saves, full disks, garbage caches."""
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,17 +69,125 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypat
     assert json.loads(target.read_text()) == {"v": 1} and os.listdir(tmp_path) == ["results.json"]
 
 
-def test_leftover_temp_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+HOLD_A_WRITE = """import os, sys, time
+from ddpm_lightning import files
+sync = os.fsync
+def slow_fsync(fd):  # the write's bytes are out; hold the temp file (and its lock) for a while
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[2]))
+    sync(fd)
+os.fsync = slow_fsync
+files.write_bytes(sys.argv[1], b"new content")
+"""
+
+
+def hold_a_write(python, target: Path, seconds: float) -> subprocess.Popen:
+    """A live writer of ``target``, inside atomic_write with its temp file beside the target, for ``seconds``."""
+    proc = subprocess.Popen([python, "-c", HOLD_A_WRITE, str(target), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP, errno.EIO])
+def test_a_directory_fsync_the_filesystem_refuses_is_skipped_and_a_real_io_error_fails(
+    tmp_path, monkeypatch, caplog, code
+):
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "results.json"
+    if code == errno.EIO:
+        with pytest.raises(OSError, match="Input/output error"):
+            files.write_json(target, {"v": 1})
+        return
+    with caplog.at_level("DEBUG", logger="ddpm_lightning.files"):
+        files.write_json(target, {"v": 1})
+    assert json.loads(target.read_text()) == {"v": 1} and "cannot fsync a directory" in caplog.text
+
+
+def test_temp_files_are_unique_per_host_process_and_write(tmp_path):
+    names = {files.temp_path(tmp_path / "last.ckpt").name for _ in range(100)}
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    assert len(names) == 100 and all(n.startswith(f".last.ckpt{files.TMP_MARK}{host}-{os.getpid()}-") for n in names)
+
+
+def test_a_clean_up_takes_only_temp_files_no_live_writer_holds(python, tmp_path):
+    """A killed writer's temp file (no lock: whatever its host and pid) is removed; a live writer's (locked) stays
+    and is put in place; only in the given dir unless recursive; other files are never touched."""
     (tmp_path / "checkpoints").mkdir()
-    stale = tmp_path / "checkpoints" / f".last.ckpt{files.TMP_MARK}{dead.pid}"
-    live = tmp_path / f".grid.png{files.TMP_MARK}{os.getppid()}"
+    stale = tmp_path / "checkpoints" / f".last.ckpt{files.TMP_MARK}another_host-4242-0badcafe"
+    old_format = tmp_path / f".grid.png{files.TMP_MARK}123"  # the pid-only names of earlier versions
     other = tmp_path / ".not_ours.tmp"
-    for p in (stale, live, other):
+    for p in (stale, old_format, other):
         p.write_bytes(b"x")
-    assert files.remove_leftovers(tmp_path) == [stale]
-    assert live.exists() and other.exists() and not stale.exists()
+    writer = hold_a_write(python, tmp_path / "results.json", 30)
+    live = next(tmp_path.glob(f".results.json{files.TMP_MARK}*"))
+    assert files.remove_leftovers(tmp_path) == [old_format]  # not below the dir
+    assert files.remove_leftovers(tmp_path, recursive=True) == [stale]
+    assert live.exists() and other.exists()
+    writer.kill()
+    writer.wait()
+    assert files.remove_leftovers(tmp_path) == [live]  # its writer is dead now
+
+
+def test_without_working_locks_only_old_temp_files_are_taken(tmp_path, monkeypatch):
+    young, old = (tmp_path / f".a{files.TMP_MARK}h-1-00000000", tmp_path / f".b{files.TMP_MARK}h-2-00000000")
+    for p in (young, old):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - files.STALE_AFTER_S - 60,) * 2)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    assert files.remove_leftovers(tmp_path) == [old] and young.exists()
+    files.write_bytes(tmp_path / "c.json", b"{}")  # writing needs no lock either
+    assert (tmp_path / "c.json").read_bytes() == b"{}"
+
+
+def test_a_live_writers_temp_file_survives_a_clean_up_from_another_pid_namespace(python, tmp_path):
+    """As under srun or in containers that share a filesystem but not a pid space: the clean-up that train.py runs
+    at start-up, run in a new PID namespace, where the writer's pid means nothing (a pid check removed its file)."""
+    probe = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"unshare -p is not permitted here ({probe.stderr.strip()}); CI runs as root, where it is")
+    run_dir = tmp_path / "run"
+    writer = hold_a_write(python, run_dir / "checkpoints" / "last.ckpt", 8)
+    temp = next((run_dir / "checkpoints").glob(f".last.ckpt{files.TMP_MARK}*"))
+    clean_up = (
+        "import sys; from ddpm_lightning import files; print(files.remove_leftovers(sys.argv[1], recursive=True))"
+    )
+    p = subprocess.run(
+        ["unshare", "-p", "-f", "--mount-proc", python, "-c", clean_up, str(run_dir)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr[-2000:]
+    assert temp.exists()
+    assert writer.wait(timeout=120) == 0 and (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"new content"
+
+
+def test_a_second_training_on_a_run_dir_in_use_is_refused_in_one_line(python, tmp_path):
+    root = make_cifar(tmp_path / "cifar", n_train=20)
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(python, root, run_dir, "trainer.max_epochs=1000"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: (run_dir / ".run.lock").is_file() and (run_dir / ".run.lock").read_text().startswith("pid"))
+        p = subprocess.run(train_cmd(python, root, run_dir), capture_output=True, text=True, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+        assert lines[0].startswith(
+            f"error: run dir {run_dir} is in use by a training that is still running (pid {first.pid}"
+        )
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_a_full_disk_is_one_error_that_names_the_path_the_content_and_the_room(tmpfs):

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from ddpm_lightning import schema
 from ddpm_lightning.data import CIFARDataModule
 from ddpm_lightning.diffusion.schedule import build_schedule
-from ddpm_lightning.module import lr_factor
+from ddpm_lightning.errors import ConfigError
+from ddpm_lightning.module import LRSchedule, lr_factor
 from ddpm_lightning.nets.unet import SelfAttention, UNet
 from ddpm_lightning.testing import tiny_module
 
@@ -125,6 +126,97 @@ def test_the_lr_schedule_goes_through_lightning_and_is_logged_per_step(tmp_path,
     total = trainer.estimated_stepping_batches
     assert logged == pytest.approx([1e-2 * lr_factor(s, 3, "cosine", total) for s in range(len(logged))])
     assert len(logged) == 10 and logged[0] == pytest.approx(1e-2 / 3) and logged[-1] < 1e-3
+
+
+def test_the_cosine_keeps_its_length_on_resume_and_a_longer_run_decays_on_from_where_it_was(caplog):
+    """The length is read once and kept in the checkpoint (the plan): a resume with the same settings draws the same
+    rates; one with more steps (trainer.max_epochs raised to train on) goes on from the rate reached, without a jump
+    back up, to 0 at the new last step, and says so in one line."""
+    first = LRSchedule(3, "cosine", lambda: 20)
+    rates = [first(s) for s in range(12)]
+    assert rates == pytest.approx([lr_factor(s, 3, "cosine", 20) for s in range(12)])
+    same = LRSchedule(3, "cosine", lambda: 20)  # resumed at update 11
+    same.plan = dict(first.plan)
+    assert [same(s) for s in range(11, 21)] == pytest.approx([lr_factor(s, 3, "cosine", 20) for s in range(11, 21)])
+    longer = LRSchedule(3, "cosine", lambda: 40)
+    longer.plan = dict(first.plan)
+    with caplog.at_level("INFO", logger="ddpm_lightning.module"):
+        after = [longer(s) for s in range(11, 41)]
+    assert after[0] == pytest.approx(rates[11]) and all(a > b for a, b in zip(after[:-1], after[1:], strict=False))
+    assert after[-1] == pytest.approx(0.0, abs=1e-12) and longer.plan["total"] == 40
+    assert "the run's length changed from 20 to 40 optimizer steps" in caplog.text
+
+
+def test_resuming_with_another_recipe_is_refused_in_one_line(tmp_path):
+    """A paper-recipe checkpoint resumed with recipe=fast would change its loss weighting and restart the LR warm-up
+    mid-run; it is refused before anything is written, naming the first setting that differs."""
+    from ddpm_lightning import schema, train
+
+    overrides = [
+        "experiment=smoke",
+        "model=improved",
+        "net.width=4",
+        "net.emb_dim=16",
+        "net.heads=2",
+        "net.attention=[4]",
+    ]
+    paper = train.build_module(schema.compose("config", overrides), ["cat", "ship"])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(paper.hparams), "global_step": 7}, ckpt)
+    cfg = schema.compose("config", overrides)
+    assert train.resume_from(cfg, tmp_path / "run", paper) == (str(ckpt), 7)
+    fast = train.build_module(schema.compose("config", [*overrides, "recipe=fast"]), ["cat", "ship"])
+    with pytest.raises(
+        ConfigError, match=r"was trained with recipe.loss_weighting=none, this run asks recipe.loss_weig"
+    ):
+        train.resume_from(cfg, tmp_path / "run", fast)
+
+
+TINY = ["experiment=smoke", "model=improved", "net.width=4", "net.emb_dim=16", "net.heads=2", "net.attention=[4]"]
+
+
+def test_min_snr_weights_reach_the_loss_that_train_py_s_training_step_minimises(cifar_root, tmp_path):
+    """Through train.py's own builder: the first step's loss is the Min-SNR-weighted loss of that step's noise, not
+    the paper's (each lever's wire is followed from the config, not from a loss called by hand)."""
+    from ddpm_lightning import train
+    from ddpm_lightning.data import step_seed
+    from ddpm_lightning.diffusion.loss import DiffusionLoss
+
+    cfg = schema.compose("config", [*TINY, "recipe.loss_weighting=min_snr", "recipe.snr_gamma=0.5"])
+    m, seen = train.build_module(cfg, ["cat", "ship"]), {}
+
+    class Expected(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x0, y = batch
+            for weighting in ("min_snr", "none"):
+                loss = DiffusionLoss(pl_module.schedule, weighting, 0.5, 0.1, pl_module.net.null_class)
+                g = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0, micro=0))
+                seen[weighting] = loss(pl_module.net, x0, y, g).item()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["training_step"] = outputs["loss"].item()
+
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[Expected()],
+              default_root_dir=tmp_path, enable_progress_bar=False).fit(
+        m, datamodule=CIFARDataModule(str(cifar_root), ["cat", "ship"], batch_size=4))  # fmt: skip
+    assert seen["training_step"] == pytest.approx(seen["min_snr"], rel=1e-6)
+    assert seen["min_snr"] != pytest.approx(seen["none"], rel=1e-3)
+
+
+def test_grad_clip_betas_and_weight_decay_reach_the_trainer_and_optimizer_train_py_builds(tmp_path):
+    from ddpm_lightning import train
+
+    cfg = schema.compose(
+        "config", [*TINY, "recipe.grad_clip=0.25", "recipe.betas=[0.8,0.95]", "recipe.weight_decay=0.03"]
+    )
+    trainer = train.build_trainer(cfg, tmp_path, [], False)
+    assert trainer.gradient_clip_val == 0.25 and trainer.gradient_clip_algorithm == "norm"
+    optimizer = train.build_module(cfg, ["cat", "ship"]).configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.03
+    assert group["fused"] is True
 
 
 def test_gradient_clipping_caps_the_norm_the_optimizer_sees(tmp_path, cifar_root):
