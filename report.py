@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from ddpm_lightning.cli import exit_on_config_error, main_entry
+from ddpm_lightning.cli import exit_on_config_error, main_entry, startup
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,11 @@ def main(cfg: DictConfig) -> None:
         from ddpm_lightning.dashboard import require_login
 
         entity = require_login(cfg.wandb.entity)
-    try:
-        written = write(cfg.runs, cfg.out, cfg.loss_from_epoch)
-    except FileNotFoundError as e:
-        raise ConfigError(f"runs={cfg.runs}: {e}") from None
+    with startup("the report", cfg=cfg):  # a library's error is one line, exit 2 (HYDRA_FULL_ERROR=1: the traceback)
+        try:
+            written = write(cfg.runs, cfg.out, cfg.loss_from_epoch)
+        except FileNotFoundError as e:
+            raise ConfigError(f"runs={cfg.runs}: {e}") from None
     log.info(f"{len(written)} files in {cfg.out}: " + ", ".join(p.name for p in written))
     if cfg.publish:
         from pathlib import Path

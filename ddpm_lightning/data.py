@@ -107,6 +107,13 @@ def load_subset(folder: Path, classes: list[str], split: str) -> tuple[torch.Ten
         keep = y >= 0
         images.append(data[keep])
         labels.append(y[keep])
+    counts = np.bincount(np.concatenate(labels), minlength=len(wanted))
+    missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if missing:
+        raise ConfigError(
+            f"{folder} has no {split} images of {', '.join(missing)} (data.classes: {', '.join(classes)}); point "
+            "data.root at a CIFAR-10 copy that holds them, or leave them out of data.classes"
+        )
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 

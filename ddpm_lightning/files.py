@@ -10,6 +10,7 @@ shared filesystem, and the writer holds an exclusive lock (flock) on its temp fi
 (PID namespace) it runs in. Where the filesystem has no working locks, only temp files older than STALE_AFTER_S are
 taken. A run dir is owned by one training at a time (``own_run_dir``)."""
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -130,12 +131,22 @@ def _write_locked(path: Path, data: memoryview, what: str) -> None:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hide the first error
+            tmp.unlink(missing_ok=True)
         if e.errno in NO_ROOM:
             raise no_room(e, path, what, len(data)) from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+            reason = (
+                "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else "a file stands where a folder must"
+            )
+            raise ConfigError(
+                f"cannot write {what} to {path}: {reason} ({e.strerror}: {e.filename}); nothing was lost: make the "
+                "folder writable or point the output elsewhere, then rerun"
+            ) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -290,6 +301,8 @@ def own_run_dir(run_dir: str | Path) -> None:
 def writable_dir(path: str | Path) -> Path:
     """The output folder, created; an unwritable one fails before any work is done."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file where a folder must be; move it away or choose another output dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temp_path(path / ".write_test")

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import cluster, files
+from ddpm_lightning.errors import ConfigError
 
 
 class ResumedCSVWriter(ExperimentWriter):
@@ -26,10 +27,16 @@ class ResumedCSVWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if self.resumed_step is None or not path.is_file():
             return super()._check_log_dir_exists()
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if r.get("step") and int(r["step"]) < self.resumed_step]
-            header = reader.fieldnames or []
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if r.get("step") and int(r["step"]) < self.resumed_step]
+                header = reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error, ValueError) as e:
+            raise ConfigError(
+                f"the run's log {path} is not the CSV log Lightning writes ({type(e).__name__}), so its rows before "
+                f"step {self.resumed_step} cannot be kept; move it away (the resumed run then logs from there on) and rerun"
+            ) from None
         files.write_csv(path, rows, header, "the run's metrics.csv")
         self.metrics_keys = list(header)  # Lightning appends to the file while its columns stay these
 
@@ -62,7 +69,10 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resumed_step: int | None) -> list:
+    """The CSV log (its earlier rows read now, before training) and, unless logger=csv, W&B (started now, on rank 0)."""
     loggers = [ResumableCSVLogger(run_dir, resumed_step)]
+    if cluster.global_rank() == 0:
+        loggers[0].experiment  # noqa: B018 (a resumed run's rows are read here: a bad log fails before training)
     if cfg.logger.wandb is not None:
         w = cfg.logger.wandb
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -79,7 +89,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_step: int | None) -> l
             resume="allow",
         )
         if cluster.global_rank() == 0:  # the experiment is made here, before Lightning knows the rank: rank 0 alone
-            define_wandb_metrics(wandb_logger.experiment)
+            try:
+                define_wandb_metrics(wandb_logger.experiment)
+            except Exception as e:
+                raise ConfigError(
+                    f"W&B could not start its run in {ascii(str(run_dir))} ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:160]}); use logger=csv, or a run dir W&B can write"
+                ) from None
         loggers.append(wandb_logger)
     return loggers
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ddpm_lightning.errors import ConfigError
 from ddpm_lightning.files import save_figure, write_bytes, write_text
 
 FLOOR = "real test images"
@@ -47,8 +48,13 @@ FLOOR_OF = {"fid": "fid_floor", "kid_mean": "kid_floor", "class_acc": "class_acc
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(
+            f"the training log {path} is not a CSV log ({type(e).__name__}); move it away or rerun"
+        ) from None
 
 
 def number(value: str | None) -> float | None:
@@ -109,17 +115,29 @@ def load(runs: str | Path) -> dict:
     train = {d.name: load_train(d) for d in sorted((runs / "train").iterdir()) if (d / "csv" / "metrics.csv").is_file()}
     evals: dict[str, list[dict]] = {}
     for path in sorted(runs.glob("eval/*/*/results.json")):
-        evals.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+        evals.setdefault(path.parent.parent.name, []).append(read_json(path, "an evaluation's results"))
     floors = {name[len("floor_") :]: rows[0] for name, rows in evals.items() if name.startswith("floor_")}
     sweeps = {name: sorted(rows, key=lambda r: r["w"]) for name, rows in evals.items() if not name.startswith("floor_")}
     samples = {d.name: d for d in sorted(runs.glob("samples/*")) if (d / "grid.png").is_file()}
     log_path = runs / "paper_log.jsonl"
-    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    log = read_json(log_path, "the paper's stage log", lines=True) if log_path.is_file() else []
     if not train:
         raise FileNotFoundError(
             f"no training runs under {runs / 'train'}; run make paper first (or point runs= at its paper.dir)"
         )
     return {"runs": str(runs), "train": train, "sweeps": sweeps, "floors": floors, "samples": samples, "log": log}
+
+
+def read_json(path: Path, what: str, lines: bool = False):
+    """A JSON file (``lines``: one JSON value per line) of the runs dir; cut short or garbage is one line that names it."""
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"{what} {path} is not readable JSON ({type(e).__name__}: cut short or garbage); rerun the stage that "
+            "writes it (make paper skips what is done) or move the file away"
+        ) from None
 
 
 def data_name(run: dict) -> str:

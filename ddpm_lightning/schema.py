@@ -467,7 +467,11 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "sampler.steps": (lambda v: v >= 1, ">= 1"),
     "sampler.eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
-    "data.max_images": (lambda v: v >= 1, ">= 1 (or null: all)"),
+    "data.max_images": (
+        lambda v: v >= 2,
+        ">= 2 (or null: all)",
+        "set data.max_images to 2 or more (memorization compares each image with its two nearest training images)",
+    ),
     "data.classes": (
         lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(CIFAR10_CLASSES),
         "a non-empty list of distinct CIFAR-10 classes",
@@ -566,6 +570,11 @@ def check(cfg: DictConfig, entry: str) -> None:
     schema = ENTRY_POINTS[entry]
     known = dict(leaves(schema, cfg))
     for key in _keys(cfg, known):
+        if key not in known and key.startswith("sampler.") and _get(cfg, "sampler.name") is None:
+            raise ConfigError(
+                f"{key} needs the sampler named: add sampler=ancestral|ddim|dpm_solver (then its settings; without "
+                "sampler=, a checkpoint's own sampler is used whole)"
+            )
         if key not in known and key.split(".")[0] in ("schedule", "sampler") and key.count(".") == 1:
             option = f"{key.split('.')[0]}.{'kind' if key.startswith('schedule') else 'name'}"
             raise ConfigError(
@@ -616,6 +625,11 @@ def check(cfg: DictConfig, entry: str) -> None:
     elif entry == "sample" and not Path(cfg.ckpt).is_file():
         raise ConfigError(
             f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
+        )
+    if entry in ("config", "evaluate") and cfg.metrics.prc and cfg.metrics.num_samples < 4:
+        raise ConfigError(
+            f"metrics.prc=true needs metrics.num_samples >= 4, not {cfg.metrics.num_samples} (precision and recall use "
+            "each image's third-nearest neighbour); raise metrics.num_samples or set metrics.prc=false"
         )
     if (
         entry in ("config", "evaluate")

@@ -249,6 +249,10 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
     ):  # until the first training step: any failure is one line, and nothing is trained
         if cluster.global_rank() == 0:
             files.own_run_dir(run_dir)  # one training per run dir
+            if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():  # would lose an epoch
+                raise ConfigError(
+                    f"{run_dir / 'checkpoints'} is a file where the checkpoints go; move it away and rerun"
+                )
             files.remove_leftovers(run_dir, recursive=True)  # temp files of a run killed while writing
         L.seed_everything(
             cfg.seed, workers=True

@@ -286,6 +286,7 @@ def bad_input_cases(root, run_dir, corrupt_root):
         ([f"ckpt_path={ckpt}"], f"checkpoint {ckpt} has conditional=False, this run conditional=True"),
         ([f"hydra.run.dir={run_dir}"], f"checkpoint {ckpt} has conditional=False, this run conditional=True"),
         (["hydra.run.dir=/proc/forbidden"], "output dir /proc/forbidden is not writable"),
+        ([f"hydra.run.dir={corrupt_root / 'run'}"], f"{corrupt_root / 'run' / 'checkpoints'} is a file where the"),
     ]
 
 
@@ -294,6 +295,8 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(python, simple_run,
     root, run_dir = simple_run
     corrupt = make_cifar(tmp_path / "corrupt")
     (corrupt / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x04garbage")
+    (corrupt / "run").mkdir()
+    (corrupt / "run" / "checkpoints").write_text("a file where the checkpoints go")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     before = ckpt.read_bytes()
     for args, message in bad_input_cases(root, run_dir, corrupt):

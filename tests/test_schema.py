@@ -211,6 +211,17 @@ BAD = [  # (entry point, arguments, what the line says)
         ["metrics.reference_split=test"],
         "puts every test image in the reference and leaves none for the floor",
     ),
+    (
+        "config",
+        ["data.max_images=1"],
+        "data.max_images=1 must be >= 2 (or null: all); set data.max_images to 2 or more",
+    ),
+    (
+        "evaluate",
+        ["metrics.prc=true", "metrics.num_samples=3"],
+        "metrics.prc=true needs metrics.num_samples >= 4, not 3",
+    ),
+    ("evaluate", ["sampler.steps=10"], "sampler.steps needs the sampler named: add sampler=ancestral|ddim|dpm_solver"),
     ("sample", ["n=0"], "n=0 must be >= 1"),
     ("sample", ["batch_size=0"], "batch_size=0 must be >= 1"),
     ("sample", ["strips.frames=1"], "strips.frames=1 must be >= 2"),
