@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
@@ -310,7 +310,7 @@ def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
     )
 
 
-class Preemption(L.Callback):
+class Preemption(Checkpoint):  # a Checkpoint: its epoch-end hook runs after the module's
     """Acts on a preemption signal (SIGUSR2 or $SUBMITIT_PREEMPT_SIGNAL, SIGUSR1, SIGTERM; cluster.SIGNALS records it):
     every rank stops at the same point, rank 0 writes last.ckpt (atomically: files.checkpoint_io) and cluster.Preempted
     ends fit(), so no epoch-end save overwrites it. The points: the next training step (under DDP the ranks agree every
@@ -332,18 +332,33 @@ class Preemption(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        update_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or at_epoch_end(trainer)
-        if not update_done:  # within an accumulated update: its gradients so far are in no checkpoint
+        if at_epoch_end(trainer):  # the epoch's end (its validation, mean loss, checkpoint) comes first: see below
+            return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # within an accumulated update: in no checkpoint
             return
         if trainer.world_size > 1 and trainer.global_step % self.sync_every:
             return
         self.stop_if_requested(trainer, "after", log_this_step=True)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A signal during an epoch's last step stops here, after the epoch's validation (run, or cut and redone on
+        resume) and the module's epoch-end hook (Lightning calls a Checkpoint's hook after the module's), with the
+        epoch's row (its mean loss) written first, as Lightning would right after this hook: a resumed run does not
+        replay the epoch's end, so the log lacks no row."""
+        self.stop_if_requested(trainer, "after", log_this_epoch=True)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:  # after the grid, FID and the EMA swap-back (callbacks before this one)
-            self.stop_if_requested(trainer, "during the validation after")
+            self.stop_if_requested(trainer, "during the validation after", redo_validation=True)
 
-    def stop_if_requested(self, trainer: L.Trainer, where: str, log_this_step: bool = False) -> None:
+    def stop_if_requested(
+        self,
+        trainer: L.Trainer,
+        where: str,
+        log_this_step: bool = False,
+        redo_validation: bool = False,
+        log_this_epoch: bool = False,
+    ) -> None:
         signum = agreed_signal(trainer)
         if signum:
             if (
@@ -351,12 +366,34 @@ class Preemption(L.Callback):
             ):  # what Lightning does right after on_train_batch_end, which the stop skips: the step's log row
                 trainer._logger_connector.on_batch_end()
                 trainer._logger_connector.update_train_step_metrics()
+            if log_this_epoch:  # fit_loop.on_advance_end's logging after the epoch-end hooks
+                loop = trainer.fit_loop.epoch_loop
+                trainer._logger_connector.on_epoch_end()
+                loop._batches_that_stepped -= 1
+                trainer._logger_connector.update_train_epoch_metrics()
+                loop._batches_that_stepped += 1
+            if redo_validation:
+                validation_not_started(trainer)
             trainer.save_checkpoint(self.last_ckpt)  # FlushLogsOnSave writes the rows first
             raise Preempted(
                 signum,
                 f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
                 f"saved {self.last_ckpt} and stopped",
             )
+
+
+def validation_not_started(trainer: L.Trainer) -> None:
+    """The validation that a signal cut (its grid and FID stopped, nothing of it logged) as Lightning's loops record a
+    validation interrupted at its first batch, in the checkpoint about to be saved: on resume Lightning runs it
+    again from its first batch (its 'restart mid evaluation'), so the epoch's val/loss, grid and FID appear once."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    total, current = loop.batch_progress.total, loop.batch_progress.current
+    before = total.completed - current.completed  # batches of the validations before this one
+    total.ready = total.started = before + 1
+    total.processed = total.completed = before
+    current.ready = current.started = 1
+    current.processed = current.completed = 0
+    loop._results.reset()  # its val/loss so far: the rerun adds every batch again
 
 
 def agreed_signal(trainer: L.Trainer) -> int:

@@ -1,6 +1,7 @@
 """Clusters without a cluster: two processes with SLURM's variables (Lightning's SLURMEnvironment), a fake srun and
 scontrol on PATH, and submitit's local executor. Preemption signals, requeue, resume, a dead rank, the launchers."""
 
+import csv
 import json
 import os
 import random
@@ -211,7 +212,8 @@ def test_a_signal_during_the_fid_evaluation_stops_every_rank_within_seconds(
 
 def test_a_signal_during_the_fid_evaluation_stops_within_seconds_one_process(python, detector_file, tmp_path):
     """The default suite's case of the slow two-rank test above: one process, a small reference, SIGUSR2 once the
-    epoch's grid is drawn, while the FID's 400 ancestral samples are being made."""
+    epoch's grid is drawn, while the FID's 400 ancestral samples are being made; the resumed run redoes that
+    validation, so its val/loss and FID are in the log once, and the later ones follow."""
     root = make_cifar(tmp_path / "cifar", n_train=50)
     run_dir = tmp_path / "run"
     grid = run_dir / "samples" / "epoch_0001.png"
@@ -220,7 +222,7 @@ def test_a_signal_during_the_fid_evaluation_stops_within_seconds_one_process(pyt
         for a in train_args(
             root,
             run_dir,
-            "trainer.max_epochs=4",
+            "trainer.max_epochs=2",
             "sampler=ancestral",
             "callbacks.fid.every_n_epochs=2",
             f"metrics.inception_weights={detector_file}",
@@ -245,7 +247,16 @@ def test_a_signal_during_the_fid_evaluation_stops_within_seconds_one_process(pyt
     assert proc.returncode == 128 + signal.SIGUSR2, text[-3000:]
     assert "SIGUSR2 during the validation after step" in text
     assert "val/fid" not in (run_dir / "csv" / "metrics.csv").read_text()  # the stopped evaluation logged nothing
-    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] % 25 == 0
+    stopped_at = load(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert stopped_at % 25 == 0
+    quick = [a for a in args if not a.startswith(("sampler=", "metrics.num_samples="))]  # evaluation settings only
+    quick += ["sampler=ddim", "sampler.steps=3", "metrics.num_samples=20"]
+    p = subprocess.run([python, str(ROOT / "train.py"), *quick], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    val = [int(r["epoch"]) for r in rows if r.get("val/loss")]
+    fid = [int(r["epoch"]) for r in rows if r.get("val/fid")]
+    assert stopped_at == 50 and val == fid == [1], (val, fid)  # the cut validation, redone on resume, logged once
 
 
 @pytest.mark.slow  # 23 s; the default suite keeps the classification of failed collectives (test_a_failed_collective_...)

@@ -296,6 +296,7 @@ def two_filesystems(tmpfs, tmp_path):
     return tmpfs("2g"), make_cifar(tmp_path / "cifar", n_train=4), tmpdir, {**os.environ, "TMPDIR": str(tmpdir)}
 
 
+@pytest.mark.slow  # 32 s; the default suite keeps the SIGKILL resume of test_reliability and the full-disk saves
 def test_a_sigkill_during_the_second_save_of_a_paper_width_checkpoint_leaves_one_that_loads(python, tmpfs, tmp_path):
     fs, root, tmpdir, env = two_filesystems(tmpfs, tmp_path)
     run_dir = fs / "run"
@@ -364,6 +365,7 @@ def test_training_into_a_run_dir_too_small_for_the_next_checkpoint_is_one_line_a
     assert not list(fs.rglob(f"*{files.TMP_MARK}*"))
 
 
+@pytest.mark.slow  # 27 s; the default suite keeps a run dir too small for the first checkpoint
 def test_a_disk_that_fills_during_training_ends_in_one_line_and_the_checkpoint_loads(python, tmpfs, tmp_path):
     fs = tmpfs("64m")
     root = make_cifar(tmp_path / "cifar", n_train=20)

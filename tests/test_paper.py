@@ -232,7 +232,7 @@ def test_the_report_draws_one_grid_per_class_and_the_class_agreement_of_a_sweep(
     from ddpm_lightning import report
 
     images = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
-    np.savez(tmp_path / "samples.npz", images=images, labels=np.arange(10) % 2, class_names=np.array(["cat", "ship"]))
+    np.savez(tmp_path / "samples.npz", arr_0=images, labels=np.arange(10) % 2, class_names=np.array(["cat", "ship"]))
     written = report.class_grids(tmp_path / "samples.npz", tmp_path, "improved_x")
     assert [p.name for p in written] == ["samples_improved_x_cat.png", "samples_improved_x_ship.png"]
     rows = [

@@ -31,6 +31,7 @@ def train_cmd(python, root, run_dir, *extra, net=None):
         "data.max_images=null",
         "data.batch_size=4",
         "trainer.check_val_every_n_epoch=2",
+        "trainer.log_every_n_steps=1",  # every step a row: a stop anywhere is on the logging grid
         "logger=csv",
         *(TINY_NET if net is None else net),
         *LEVERS,
@@ -153,6 +154,14 @@ def test_sigterm_saves_mid_epoch_and_resume_neither_repeats_nor_skips(python, re
     assert p.returncode == 128 + signal.SIGTERM, out[-3000:]  # saved and stopped, not "completed"
     assert "SIGTERM after step 71 (epoch 1)" in out and "; not requeued (SIGTERM: scancel" in out
     assert load(last)["global_step"] == 71  # mid-epoch: 50 steps an epoch
+    p = subprocess.run(  # resumed, and stopped again at the last step of an epoch
+        signal_at_step(python, 149, train_cmd(python, root, run_dir, "trainer.max_epochs=4")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 128 + signal.SIGTERM and "SIGTERM after step 150 (epoch 2)" in p.stdout + p.stderr
+    assert load(last)["global_step"] == 150  # its epoch's mean-loss row comes when the resumed run ends the epoch
     p = subprocess.run(
         train_cmd(python, root, run_dir, "trainer.max_epochs=4", "ckpt_path=last"),
         capture_output=True,

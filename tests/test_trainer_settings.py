@@ -152,6 +152,7 @@ def test_validation_within_epochs_draws_a_grid_per_validation_and_fid_once_an_ep
     ], grids
 
 
+@pytest.mark.slow  # 35 s; the default suite keeps the bit-exact resumes of test_reliability (every lever on)
 def test_a_run_with_limit_train_batches_and_accumulation_resumes_bit_exact(python, cifar_root, tmp_path):
     """SIGTERM during step 7 of a run with 5 batches an epoch and 2 batches an update (mid-epoch, mid-update), then a
     resume: the weights, the EMA, Adam's state and the log are the uninterrupted run's."""
