@@ -20,10 +20,10 @@ paper: install
 	$(PY) paper.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)  # two workers (pytest-xdist), a test file each
+	$(PY) -m pytest $(ARGS)
 
 test-slow: install
-	$(PY) -m pytest -n 2 --dist loadfile -m slow $(ARGS)
+	$(PY) -m pytest -m slow $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

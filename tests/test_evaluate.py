@@ -95,6 +95,7 @@ def test_evaluate_py_flags_training_images_shifted_by_a_pixel_and_not_test_image
     assert real["memorized"] <= 0.05 and real["memorized_ci95"][1] > 0 and real["num_samples"] == 10
 
 
+@pytest.mark.slow  # 19 s; the floor itself is in every evaluation of the default suite (fid_floor, kid_floor)
 def test_evaluate_py_scores_real_images_as_the_floor(python, smoke_run, detector_file, tmp_path):
     p = run(
         python,
@@ -137,6 +138,7 @@ def test_guidance_sweep_gives_one_result_per_w_and_the_summary(python, smoke_run
     assert (sweep / "fid_is_vs_w.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 41 s; the default suite keeps FID during training (test_trainer_settings, test_cluster)
 def test_training_logs_fid_and_is_for_each_guidance_weight(python, cifar_root, detector_file, tmp_path):
     run_dir = tmp_path / "run"
     p = run(

@@ -203,6 +203,7 @@ def test_a_full_disk_is_one_error_that_names_the_path_the_content_and_the_room(t
     assert (fs / "old.bin").read_bytes() == b"old" and sorted(os.listdir(fs)) == ["filler", "old.bin"]
 
 
+@pytest.mark.slow  # 35 s of Inception features; load_or_none's rule is the same for every cache
 def test_a_garbage_or_truncated_reference_cache_is_recomputed_with_one_warning(tmp_path, caplog):
     detector = metrics.Inception(random_detector_state(), "random")
     images = natural_images(24)
@@ -387,6 +388,7 @@ def test_a_disk_that_fills_during_training_ends_in_one_line_and_the_checkpoint_l
     assert load(last)["global_step"] > 0
 
 
+@pytest.mark.slow  # 18 s; the default suite keeps the full disk of a checkpoint save
 def test_a_full_disk_during_a_sample_grid_and_during_an_evaluation(python, smoke_run, tmpfs, detector_file, tmp_path):
     run_dir, root = smoke_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"

@@ -111,10 +111,10 @@ def test_a_second_run_repeats_no_work(paper_run):
     [
         ("model=improved", "paper.models=[simple,improved]"),
         ("paper.models=[fancy]", "paper.models=fancy"),
-        ("paper.data=[]", "paper.data=[]"),
-        ("paper.guidance_ws=[a,1]", "paper.guidance_ws="),
-        ("paper.samples=0", "paper.samples=0"),
-        ("paper.nope=1", "paper.nope"),
+        pytest.param("paper.data=[]", "paper.data=[]", marks=pytest.mark.slow),  # 8 s each: test_schema has the rest
+        pytest.param("paper.guidance_ws=[a,1]", "paper.guidance_ws=", marks=pytest.mark.slow),
+        pytest.param("paper.samples=0", "paper.samples=0", marks=pytest.mark.slow),
+        pytest.param("paper.nope=1", "paper.nope", marks=pytest.mark.slow),
     ],
 )
 def test_bad_paper_settings_are_one_line_before_anything_runs(python, tmp_path, bad, says):

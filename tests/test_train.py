@@ -151,6 +151,7 @@ def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
     print(f"fast_dev_run of model=improved data=five_class: {seconds:.1f} s")
 
 
+@pytest.mark.slow  # 19 s
 def test_start_up_says_how_long_training_takes_and_names_the_cpu_presets(python, cifar_root, tmp_path):
     p = train(
         python,
