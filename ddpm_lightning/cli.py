@@ -110,6 +110,12 @@ def preflight(config_name: str, argv: list[str]) -> None:
         jobs, swept = sweep_overrides(argv, multirun)
         for overrides in jobs:
             try:
+                unnamed = [o.split("=")[0] for o in overrides if o.startswith("sampler.")]
+                if config_name == "evaluate" and unnamed and not any(o.startswith("sampler=") for o in overrides):
+                    raise ConfigError(
+                        f"{unnamed[0]} needs the sampler named: add sampler=ancestral|ddim|dpm_solver (then its "
+                        "settings; without sampler=, the checkpoint's own sampler is used whole)"
+                    )
                 cfg = schema.compose(config_name, overrides, return_hydra_config=True)
                 schema.check(cfg, config_name)
             except ConfigError as e:

@@ -570,11 +570,6 @@ def check(cfg: DictConfig, entry: str) -> None:
     schema = ENTRY_POINTS[entry]
     known = dict(leaves(schema, cfg))
     for key in _keys(cfg, known):
-        if key not in known and key.startswith("sampler.") and _get(cfg, "sampler.name") is None:
-            raise ConfigError(
-                f"{key} needs the sampler named: add sampler=ancestral|ddim|dpm_solver (then its settings; without "
-                "sampler=, a checkpoint's own sampler is used whole)"
-            )
         if key not in known and key.split(".")[0] in ("schedule", "sampler") and key.count(".") == 1:
             option = f"{key.split('.')[0]}.{'kind' if key.startswith('schedule') else 'name'}"
             raise ConfigError(

@@ -122,6 +122,7 @@ def slurm_reference(tmp_path_factory, python):
     return root, load(tmp / "reference" / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow  # 52 s with its two-rank reference; the default suite keeps a preemption and its resume (one process)
 def test_sigusr2_on_slurm_saves_requeues_and_the_requeued_job_ends_bit_exact(python, slurm_reference, tmp_path):
     root, reference = slurm_reference
     job, run_dir = new_job_id(), tmp_path / "run"

@@ -185,6 +185,7 @@ def test_training_logs_fid_and_is_for_each_guidance_weight(python, cifar_root, d
     assert (run_dir / "samples" / "fid_epoch_0001_w2.0.png").is_file()
 
 
+@pytest.mark.slow  # 9 s; test_schema refuses a missing metrics.inception_weights in process
 def test_missing_detector_weights_fail_at_start_up(python, cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     p = run(

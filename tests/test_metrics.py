@@ -458,7 +458,7 @@ def _class_and_copy_scores(detector_file, cache):
     return {"right": noisy_labels, "copies": copies}
 
 
-@pytest.mark.slow  # 34 s; the default suite keeps evaluation under DDP end to end (test_cluster)
+@pytest.mark.slow  # 34 s; with evaluate.py over two ranks (test_cluster), the slow suite keeps the metrics' sync
 def test_two_ranks_give_the_single_process_scores_with_class_agreement_and_memorization(detector_file, tmp_path):
     out, cache = tmp_path / "ddp.json", tmp_path / "cache"
     single = _class_and_copy_scores(detector_file, cache)  # also fills the cache the ranks read

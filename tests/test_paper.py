@@ -110,7 +110,7 @@ def test_a_second_run_repeats_no_work(paper_run):
     "bad, says",
     [
         ("model=improved", "paper.models=[simple,improved]"),
-        ("paper.models=[fancy]", "paper.models=fancy"),
+        pytest.param("paper.models=[fancy]", "paper.models=fancy", marks=pytest.mark.slow),
         pytest.param("paper.data=[]", "paper.data=[]", marks=pytest.mark.slow),  # 8 s each: test_schema has the rest
         pytest.param("paper.guidance_ws=[a,1]", "paper.guidance_ws=", marks=pytest.mark.slow),
         pytest.param("paper.samples=0", "paper.samples=0", marks=pytest.mark.slow),

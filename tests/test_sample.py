@@ -129,10 +129,11 @@ def test_sample_py_npz_and_png_folder_are_scored_by_evaluate_py_as_any_images(
             "error: sampler.steps=0 must be >= 1; set sampler.steps to a value >= 1",
             marks=pytest.mark.slow,
         ),
-        (
+        pytest.param(  # T is the checkpoint's: checked when it is loaded (8 s: slow)
             ["sampler.steps=600"],
             "error: sampler.steps=600 must lie in 1..T=500",
-        ),  # T is the checkpoint's: checked when it is loaded
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_sample_py_bad_input(python, smoke_run, tmp_path, args, message):

@@ -159,7 +159,7 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["data.classes=[]"], "data.classes=[] must be a non-empty list"),
     ("config", ["data.classes=[cat,cat]"], "data.classes=['cat', 'cat'] must be a non-empty list of distinct"),
     ("config", ["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
-    ("config", ["data.max_images=0"], "data.max_images=0 must be >= 1"),
+    ("config", ["data.max_images=0"], "data.max_images=0 must be >= 2"),
     ("config", ["data.max_images=2", "data.batch_size=64"], "data.batch_size=64 is larger than the 2 training images"),
     ("config", ["metrics.num_samples=1"], "metrics.num_samples=1 must be >= 2"),
     ("config", ["metrics.bootstrap=5"], "metrics.bootstrap=5 must be 0 (no intervals) or >= 10 resamples"),
@@ -307,6 +307,7 @@ def test_the_settings_tables_in_docs_are_the_schema():
     assert "docs/settings.md" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow  # 16 s; startup()'s one line is also met by test_bad_inputs and test_files in the default suite
 def test_a_library_error_while_building_is_one_line_and_hydra_full_error_shows_the_traceback(python, tmp_path):
     from conftest import make_cifar
 

@@ -128,6 +128,7 @@ def test_notebook_runs_on_a_smoke_checkpoint(python, cifar_root, tmp_path):
     assert len(shown) == 2 and shown[0].size == (2 * (2 + 8 * 34), 2 * (2 + 2 * 34))
 
 
+@pytest.mark.slow  # 14 s; the paper's U-Net is built and stepped in test_unet and test_golden
 def test_fast_dev_run_of_the_paper_config_draws_a_small_grid(python, tmp_path):
     """The paper's Model 2 (full U-Net) with trainer.fast_dev_run: one step, one validation batch, a one-image-per-class
     two-step grid (not 40 images of 500 steps), no FID, no done.json."""
