@@ -504,7 +504,8 @@ def class_grids(npz: Path, out: Path, name: str) -> list[Path]:
         return []
     written = []
     for k, cls in enumerate(names):
-        images = torch.from_numpy(data["arr_0"][labels == k]).permute(0, 3, 1, 2)
+        pixels = data["arr_0"] if "arr_0" in data.files else data["images"]  # the key before issue 26: images
+        images = torch.from_numpy(pixels[labels == k]).permute(0, 3, 1, 2)
         if len(images):
             path = out / f"samples_{name}_{cls}.png"
             save_png(make_grid(images, nrow=min(8, len(images)), padding=2), path, "a report figure")
