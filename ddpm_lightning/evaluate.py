@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> None:
             return
         class_names, device = list(cfg.data.classes), pick_device(cluster.rank_device(cfg.device))
     else:
-        if Path(HydraConfig.get().runtime.output_dir, "results.json").is_file() and done_before(cfg, job_key(cfg)):
+        if done_before(cfg, job_key(cfg)):
             return  # nothing loaded for an evaluation made already
         module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
         hp = module.hparams
