@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar, WeightAveraging
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid
 
@@ -374,7 +374,7 @@ class Preemption(Checkpoint):  # a Checkpoint: its epoch-end hook runs after the
                 loop._batches_that_stepped += 1
             if redo_validation:
                 validation_not_started(trainer)
-            trainer.save_checkpoint(self.last_ckpt)  # FlushLogsOnSave writes the rows first
+            trainer.save_checkpoint(self.last_ckpt)  # the rows above are on disk: Lightning saves the CSV per log
             raise Preempted(
                 signum,
                 f"{signal.Signals(signum).name} {where} step {trainer.global_step} (epoch {trainer.current_epoch}): "
@@ -405,16 +405,6 @@ def agreed_signal(trainer: L.Trainer) -> int:
     got = trainer.strategy.all_gather(torch.tensor(mine, device=trainer.strategy.root_device)).flatten().tolist()
     requeue = [s for s in got if s and s != signal.SIGTERM]
     return requeue[0] if requeue else max(got)
-
-
-class FlushLogsOnSave(L.Callback):
-    """Writes the CSV rows logged so far before each checkpoint, so a checkpoint never holds steps whose rows are
-    still in memory (Lightning flushes every 100 steps: a kill after the save would lose them for good)."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()
 
 
 class TrainingStarted(L.Callback):

@@ -16,7 +16,6 @@ from ddpm_lightning.callbacks import (
     EMA,
     ETA,
     FIDCallback,
-    FlushLogsOnSave,
     Preemption,
     ProgressBar,
     SampleGrid,
@@ -182,7 +181,6 @@ def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> li
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
         EMA(**cfg.callbacks.ema),
-        FlushLogsOnSave(),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
         *(
