@@ -48,9 +48,9 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{host}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _lock(fd: int) -> bool:
-    """An exclusive flock on ``fd`` without waiting: True when taken, False when another process holds it; where
-    the filesystem has no working locks, True (the age rule of remove_leftovers applies there)."""
+def _lock(fd: int) -> bool | None:
+    """An exclusive flock on ``fd`` without waiting: True when taken, False when another process holds it, None where
+    the filesystem has no working locks (remove_leftovers' age rule applies there)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -58,7 +58,7 @@ def _lock(fd: int) -> bool:
         return False
     except OSError as e:
         if e.errno in NO_LOCKS:
-            return True
+            return None
         raise
 
 
@@ -123,7 +123,7 @@ def _write_locked(path: Path, data: memoryview, what: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
-            if not _lock(f.fileno()):  # held until the file is in place (closed after os.replace)
+            if _lock(f.fileno()) is False:  # held until the file is in place (closed after os.replace)
                 raise _Taken()
             f.write(data)
             f.flush()
@@ -248,15 +248,9 @@ def remove_leftovers(directory: str | Path, recursive: bool = False) -> list[Pat
         except OSError:  # gone meanwhile (its writer put it in place), or not a file
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no live writer holds it
-            dead = True
-        except BlockingIOError:
-            dead = False
-        except OSError as e:
-            if e.errno not in NO_LOCKS:
-                raise
-            dead = time.time() - os.fstat(fd).st_mtime > STALE_AFTER_S
-        try:
+            dead = _lock(fd)  # taken: no live writer holds it
+            if dead is None:
+                dead = time.time() - os.fstat(fd).st_mtime > STALE_AFTER_S
             if dead:
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
@@ -265,10 +259,6 @@ def remove_leftovers(directory: str | Path, recursive: bool = False) -> list[Pat
     if removed:
         log.info(f"removed {len(removed)} temp file(s) left by a killed run under {directory}")
     return removed
-
-
-class RunDirInUse(ConfigError):
-    """Another live training writes this run dir."""
 
 
 _owned: dict[Path, int] = {}  # run dir -> the fd whose lock this process holds until it exits
@@ -284,10 +274,10 @@ def own_run_dir(run_dir: str | Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".run.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _lock(fd):
+    if _lock(fd) is False:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunDirInUse(
+        raise ConfigError(
             f"run dir {run_dir} is in use by a training that is still running ({holder}); wait for it to end, or "
             "choose another run dir (hydra.run.dir=DIR)"
         )

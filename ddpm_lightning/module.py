@@ -199,8 +199,7 @@ class LRSchedule:
     def cosine(self, step: int) -> float:
         if self.plan is None:  # update 0, before the length is known
             return 1.0
-        start, factor, total = self.plan["start"], self.plan["factor"], self.plan["total"]
-        return factor * 0.5 * (1 + math.cos(math.pi * min((step - start) / max(1.0, total - start), 1.0)))
+        return self.plan["factor"] * cosine(step, self.plan["start"], self.plan["total"])
 
 
 def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: float) -> float:
@@ -208,10 +207,12 @@ def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: float) -> f
     1 (constant) or the cosine (1 + cos(pi p)) / 2 over the progress p of the steps after the warm-up."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if decay == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0 if decay == "constant" else cosine(step, warmup_steps, total_steps)
+
+
+def cosine(step: int, start: int, end: float) -> float:
+    """(1 + cos(pi p)) / 2 over the progress p of ``step`` from ``start`` to ``end`` (0 after it)."""
+    return 0.5 * (1 + math.cos(math.pi * min((step - start) / max(1.0, end - start), 1.0)))
 
 
 def upgrade_hparams(hparams: dict) -> dict:

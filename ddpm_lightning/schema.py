@@ -615,12 +615,12 @@ def check(cfg: DictConfig, entry: str) -> None:
             )
     if entry == "config":
         relations(cfg)
-    if entry == "evaluate":
-        evaluate_sources(cfg)
-    elif entry == "sample" and not Path(cfg.ckpt).is_file():
+    if entry in ("evaluate", "sample") and cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
         raise ConfigError(
             f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
         )
+    if entry == "evaluate":
+        evaluate_sources(cfg)
     if entry in ("config", "evaluate") and cfg.metrics.prc and cfg.metrics.num_samples < 4:
         raise ConfigError(
             f"metrics.prc=true needs metrics.num_samples >= 4, not {cfg.metrics.num_samples} (precision and recall use "
@@ -649,15 +649,12 @@ def check(cfg: DictConfig, entry: str) -> None:
 
 
 def evaluate_sources(cfg: DictConfig) -> None:
-    """evaluate.py scores one source: a checkpoint's samples (or, with real=true, the subset's test images), or images."""
+    """evaluate.py scores one source: a checkpoint's samples (or, with real=true, the subset's test images), or images
+    (the checkpoint's existence is checked in ``check``, as for sample.py)."""
     if (cfg.ckpt is None) == (cfg.images is None):
         raise ConfigError(
             "evaluate.py scores a checkpoint or a set of images: pass ckpt=PATH, or images=PATH (a folder or .npz) "
             "with data=cars|five_class|cifar10" + (", not both" if cfg.ckpt is not None else "")
-        )
-    if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
-        raise ConfigError(
-            f"checkpoint ckpt={cfg.ckpt} does not exist; pass ckpt=PATH to a .ckpt file written by train.py"
         )
     if cfg.images is None:
         return
