@@ -16,8 +16,9 @@ from torchvision.utils import make_grid
 
 from ddpm_lightning import metrics
 from ddpm_lightning.cluster import SIGNALS, Preempted
+from ddpm_lightning.diffusion.posthoc_ema import PowerEMA
 from ddpm_lightning.errors import Interrupted
-from ddpm_lightning.files import save_png
+from ddpm_lightning.files import save_png, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,51 @@ class EMA(WeightAveraging):
             self._average_model = EMAModel(
                 pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs
             )
+
+
+class PostHocEMA(L.Callback):
+    """Power-function EMAs of the training weights at the lengths ``sigma_rels`` (diffusion/posthoc_ema.py), saved
+    every ``every_n_steps`` optimizer steps and at the end of training as <run dir>/posthoc_ema/step_<t>.pt, from
+    which evaluate.py and sample.py reconstruct the EMA of any length (ema_length=sigma_rel). The EMAs are in the
+    checkpoints, so a resumed run continues them exactly; a snapshot is one net's weights per length."""
+
+    def __init__(self, directory: Path, every_n_steps: int, sigma_rels: list[float]):
+        self.directory, self.every_n_steps, self.sigma_rels = Path(directory), every_n_steps, list(sigma_rels)
+        self.ema: PowerEMA | None = None
+        self.t, self.saved, self.restored = 0, 0, None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ema = PowerEMA(list(pl_module.net.parameters()), self.sigma_rels)
+        if self.restored is not None:
+            self.t = self.saved = self.restored["t"]
+            for average, stored in zip(self.ema.averages, self.restored["averages"], strict=True):
+                torch._foreach_copy_(average, [a.to(average[0].device) for a in stored])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.t:  # no optimizer step yet (accumulating)
+            return
+        self.t = trainer.global_step
+        self.ema.update(list(pl_module.net.parameters()), self.t)
+        if self.t % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.t > self.saved:
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.saved = self.t
+        if trainer.is_global_zero:
+            names = [name for name, _ in pl_module.net.named_parameters()]
+            weights = [{n: a.cpu() for n, a in zip(names, average, strict=True)} for average in self.ema.averages]
+            snapshot = {"step": self.t, "sigma_rels": self.sigma_rels, "weights": weights}
+            save_torch(snapshot, self.directory / f"step_{self.t:07d}.pt", "a post-hoc EMA snapshot")
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "averages": [[a.cpu() for a in average] for average in self.ema.averages]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored = state_dict
 
 
 class ProgressBar(RichProgressBar):

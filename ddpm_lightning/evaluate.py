@@ -31,6 +31,7 @@ FIELDS = [
     "sampler",
     "steps",
     "w",
+    "ema_length",
     "num_samples",
     "seed",
     "fid",
@@ -68,6 +69,7 @@ def job_key(cfg: DictConfig, images_sha1: str | None = None) -> dict:
         **source,
         "real": cfg.real,
         "w": cfg.guidance.w,
+        "ema_length": cfg.ema_length,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None,
         "metrics": {
             k: v
@@ -104,7 +106,7 @@ def run(cfg: DictConfig) -> None:
     else:
         if done_before(cfg, job_key(cfg)):
             return  # nothing loaded for an evaluation made already
-        module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), **cfg.speed)
+        module = load_checkpoint(cfg.ckpt, cluster.rank_device(cfg.device), cfg.ema_length, **cfg.speed)
         hp = module.hparams
         class_names, device, key = list(hp.class_names), module.device, job_key(cfg)
         if cfg.data.classes is not None and list(cfg.data.classes) != class_names:
@@ -169,6 +171,7 @@ def run(cfg: DictConfig) -> None:
         if sampler is None
         else sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None),
         w=w,
+        ema_length=cfg.ema_length,
         num_samples=num_samples,
         seed=None if sampler is None or cfg.real else m.seed,
         **scores,

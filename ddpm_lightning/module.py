@@ -10,6 +10,7 @@ import torch
 from ddpm_lightning.data import step_seed
 from ddpm_lightning.diffusion.generate import generate
 from ddpm_lightning.diffusion.loss import DiffusionLoss
+from ddpm_lightning.diffusion.posthoc_ema import reconstruct
 from ddpm_lightning.diffusion.schedule import Schedule, build_schedule
 from ddpm_lightning.errors import ConfigError, NonFiniteLoss
 from ddpm_lightning.nets.speed import FastNet
@@ -40,7 +41,8 @@ class DiffusionModule(L.LightningModule):
         common = dict(
             p_uncond=guidance["p_uncond"], null_class=self.net.null_class, memory_format=self.fast.memory_format
         )
-        self.loss = DiffusionLoss(self.schedule, recipe["loss_weighting"], recipe["snr_gamma"], **common)
+        draw = {k: recipe[k] for k in ("timesteps", "timestep_center", "timestep_width", "immiscible")}
+        self.loss = DiffusionLoss(self.schedule, recipe["loss_weighting"], recipe["snr_gamma"], **draw, **common)
         self.paper_loss = DiffusionLoss(self.schedule, **common)  # validation: the paper's loss, whatever the recipe
         self.update_skipped: torch.Tensor | None = None
         self.stop_check = None
@@ -215,10 +217,21 @@ def cosine(step: int, start: int, end: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min((step - start) / max(1.0, end - start), 1.0)))
 
 
+# settings added since a checkpoint may have been written, with the values that reproduce what it was trained with
+ADDED = {"recipe": dict(timesteps="uniform", timestep_center=0.0, timestep_width=2.0, immiscible=False)}
+
+
 def upgrade_hparams(hparams: dict) -> dict:
-    """The settings of a checkpoint written before the module took config groups (22 flat arguments), as groups."""
-    if "guidance" in hparams:
-        return dict(hparams)
+    """The settings of any checkpoint train.py wrote, in today's form: the flat arguments of one written before the
+    module took config groups (22 of them) as groups, and the settings added since with their old behaviour."""
+    h = dict(hparams) if "guidance" in hparams else flat_to_groups(hparams)
+    h["recipe"] = {**ADDED["recipe"], **h["recipe"]}
+    if h["schedule"]["kind"] == "linear":
+        h["schedule"] = {"rescale": False, **h["schedule"]}
+    return h
+
+
+def flat_to_groups(hparams: dict) -> dict:
     h = dict(hparams)
     recipe_keys = ("loss_weighting", "snr_gamma", "warmup_steps", "lr_decay", "betas", "weight_decay", "dropout")
     return {
@@ -238,9 +251,10 @@ def upgrade_hparams(hparams: dict) -> dict:
     }
 
 
-def load_checkpoint(path: str, device: str = "auto", **speed) -> DiffusionModule:
+def load_checkpoint(path: str, device: str = "auto", ema_length: float | None = None, **speed) -> DiffusionModule:
     """A trained module from a train.py checkpoint (its state_dict holds the EMA weights), in eval mode; ``speed``
-    (compile, channels_last, bf16_sampling) replaces the checkpoint's, which are those of the training machine."""
+    (compile, channels_last, bf16_sampling) replaces the checkpoint's, which are those of the training machine.
+    ``ema_length``: the weights are instead the post-hoc EMA of that sigma_rel (posthoc_weights)."""
     if not path or not Path(path).is_file():
         raise ConfigError(f"checkpoint {path!r} does not exist; pass ckpt=PATH to a .ckpt file written by train.py")
     try:
@@ -249,12 +263,39 @@ def load_checkpoint(path: str, device: str = "auto", **speed) -> DiffusionModule
         hparams["speed"] = {**hparams["speed"], **speed}
         module = DiffusionModule(**hparams)
         module.load_state_dict(ckpt["state_dict"])
+        step = int(ckpt["global_step"])
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise ConfigError(
             f"cannot load checkpoint {path} ({type(e).__name__}: {first}); pass a checkpoint written by train.py"
         ) from None
+    if ema_length is not None:
+        module.net.load_state_dict(posthoc_weights(path, step, ema_length), strict=False)  # parameters; no buffers
     return module.to(pick_device(device)).eval()
+
+
+def posthoc_weights(path: str, step: int, ema_length: float) -> dict[str, torch.Tensor]:
+    """The net's parameters as the EMA of length ``ema_length`` (sigma_rel), reconstructed from the snapshots that
+    train.py's callbacks.posthoc_ema wrote to the run dir of checkpoint ``path`` (<run dir>/checkpoints/x.ckpt),
+    at the last snapshot at or before the checkpoint's step."""
+    directory = Path(path).resolve().parents[1] / "posthoc_ema"
+    found = sorted(directory.glob("step_*.pt"))
+    snapshots = []
+    for p in found:
+        try:
+            snapshot = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"cannot read post-hoc EMA snapshot {p} ({type(e).__name__}); move it away") from None
+        if snapshot["step"] <= step:
+            snapshots.append(snapshot)
+    if not snapshots:
+        raise ConfigError(
+            f"ema_length={ema_length} needs post-hoc EMA snapshots at or before step {step} in {directory}, and "
+            f"there are none; train with callbacks.posthoc_ema.every_n_steps=N, or leave ema_length=null"
+        )
+    last = max(s["step"] for s in snapshots)
+    log.info(f"post-hoc EMA: sigma_rel={ema_length} at step {last} from {len(snapshots)} snapshots in {directory}")
+    return reconstruct(snapshots, last, ema_length)
 
 
 def pick_device(name: str = "auto") -> torch.device:

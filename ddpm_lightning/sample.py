@@ -51,7 +51,7 @@ def strip(frames: list[torch.Tensor], count: int) -> torch.Tensor:
 
 
 def run(cfg: DictConfig) -> None:
-    module = load_checkpoint(cfg.ckpt, cfg.device, **cfg.speed)
+    module = load_checkpoint(cfg.ckpt, cfg.device, cfg.ema_length, **cfg.speed)
     labels = class_labels(module, cfg.classes, cfg.n)
     out = files.writable_dir(cfg.out or HydraConfig.get().runtime.output_dir)
     for folder in (out, out / "images"):  # temp files of a sampling killed while writing there

@@ -43,6 +43,7 @@ class LinearSchedule:
     T: int = setting("diffusion steps")
     beta_1: float = setting("beta of the first step (paper: 1e-4)")
     beta_T: float = setting("beta of the last step (paper: 0.02)")
+    rescale: bool = setting("both betas times 1000 / T, so any T ends where DDPM's 1,000 steps end (paper: false)")
 
 
 @dataclass
@@ -77,6 +78,13 @@ class RecipeConfig:
     dropout: float = setting("dropout in the U-Net's residual blocks (DDPM: 0.1)")
     betas: List[float] = setting("Adam's (beta_1, beta_2)")
     weight_decay: float = setting("decoupled weight decay (AdamW) when > 0")
+    timesteps: str = setting(
+        "the draw of t: uniform (the paper) or laplace, a Laplace density over log-SNR (Hang et al. 2024)",
+        ["uniform", "laplace"],
+    )
+    timestep_center: float = setting("laplace: its centre in log-SNR (0: SNR = 1)")
+    timestep_width: float = setting("laplace: its scale in log-SNR (larger: closer to uniform)")
+    immiscible: bool = setting("assign each batch's noise to its images by a linear assignment (Li et al. 2024)")
 
 
 @dataclass
@@ -242,6 +250,12 @@ class EMAConfig:
 
 
 @dataclass
+class PostHocEMAConfig:
+    every_n_steps: int = setting("save the power-function EMAs every N optimizer steps (and at the end); 0: off")
+    sigma_rels: List[float] = setting("the EMA lengths trained, as sigma_rel (EDM2: [0.05, 0.10])")
+
+
+@dataclass
 class ProgressConfig:
     refresh_rate: int = setting("progress bar refresh every N steps (default 50 on a GPU)")
 
@@ -251,6 +265,9 @@ class CallbacksConfig:
     sample_grid: SampleGridConfig = setting("sample grids at each validation", node=SampleGridConfig)
     fid: FIDConfig = setting("FID evaluations during training", node=FIDConfig)
     ema: EMAConfig = setting("the EMA of the weights", node=EMAConfig)
+    posthoc_ema: PostHocEMAConfig = setting(
+        "snapshots for post-hoc EMA (evaluate.py/sample.py ema_length=)", node=PostHocEMAConfig
+    )
     progress: ProgressConfig = setting("the progress bar", node=ProgressConfig)
 
 
@@ -322,6 +339,12 @@ class DataRoot:
     root: str = setting("the folder that holds cifar-10-batches-py/")
 
 
+EMA_LENGTH_HELP = (
+    "post-hoc EMA: the EMA length (sigma_rel) reconstructed from the run's posthoc_ema/ snapshots; null: the "
+    "checkpoint's EMA"
+)
+
+
 @dataclass
 class EvaluateConfig:
     metrics: MetricsConfig = setting("FID/KID/IS settings", node=MetricsConfig)
@@ -337,6 +360,7 @@ class EvaluateConfig:
         default=None,
     )
     guidance: EvalGuidance = setting("guidance", node=EvalGuidance)
+    ema_length: Optional[float] = setting(EMA_LENGTH_HELP, default=None)
     real: bool = setting("score real test images instead: the floor")
     device: str = setting("auto, cpu, cuda, cuda:N or mps")
     data: EvalData = setting(
@@ -359,6 +383,7 @@ class SampleConfig:
     n: int = setting("images to draw")
     classes: Optional[List[str]] = setting("improved model: class names, cycled; default all")
     guidance: EvalGuidance = setting("guidance", node=EvalGuidance)
+    ema_length: Optional[float] = setting(EMA_LENGTH_HELP, default=None)
     seed: int = setting("the same seed gives the same images")
     out: Optional[str] = setting("output folder; default the run dir")
     device: str = setting("auto, cpu, cuda, cuda:N or mps")
@@ -443,6 +468,7 @@ def _get(cfg, key: str):
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 
 
+SIGMA_REL_MAX = math.sqrt(1 / 12)  # the power function's exponent gamma > 0: at 0 it averages all of training evenly
 RANGES = {  # key: (test, what it must be[, the fix]); None values pass where the schema allows None
     "seed": (lambda v: v >= 0, ">= 0"),
     "net.width": (lambda v: v >= 1, ">= 1"),
@@ -459,6 +485,7 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "recipe.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "recipe.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.999]"),
     "recipe.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "recipe.timestep_width": (lambda v: v > 0, "> 0"),
     "schedule.T": (lambda v: v >= 1, ">= 1"),
     "schedule.beta_1": (lambda v: 0 < v < 1, "in (0, 1)"),
     "schedule.beta_T": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -512,6 +539,13 @@ RANGES = {  # key: (test, what it must be[, the fix]); None values pass where th
     "callbacks.sample_grid.seed": (lambda v: v >= 0, ">= 0"),
     "callbacks.fid.every_n_epochs": (lambda v: v >= 0, ">= 0 (0: off)"),
     "callbacks.ema.decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "callbacks.posthoc_ema.every_n_steps": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "callbacks.posthoc_ema.sigma_rels": (
+        lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(0 < s < SIGMA_REL_MAX for s in v),
+        f"distinct lengths in (0, {SIGMA_REL_MAX:.4f})",
+        "for example callbacks.posthoc_ema.sigma_rels=[0.05,0.1] (EDM2's)",
+    ),
+    "ema_length": (lambda v: 0 < v < SIGMA_REL_MAX, f"in (0, {SIGMA_REL_MAX:.4f}) (or null: the checkpoint's EMA)"),
     "callbacks.progress.refresh_rate": (lambda v: v >= 1, ">= 1"),
     "metrics.num_samples": (lambda v: v >= 2, ">= 2 (FID needs a covariance)"),
     "metrics.reference_images": (lambda v: v >= 2, ">= 2 (or null: all)"),
@@ -667,7 +701,12 @@ def evaluate_sources(cfg: DictConfig) -> None:
         )
     given = [
         k
-        for k, v in (("real", cfg.real), ("guidance.w", cfg.guidance.w), ("sampler", cfg.sampler))
+        for k, v in (
+            ("real", cfg.real),
+            ("guidance.w", cfg.guidance.w),
+            ("sampler", cfg.sampler),
+            ("ema_length", cfg.ema_length),
+        )
         if v is not None and v is not False
     ]
     if given:

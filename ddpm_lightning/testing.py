@@ -12,6 +12,10 @@ PAPER_RECIPE = dict(
     dropout=0.0,
     betas=[0.9, 0.999],
     weight_decay=0.0,
+    timesteps="uniform",
+    timestep_center=0.0,
+    timestep_width=2.0,
+    immiscible=False,
 )
 EAGER = dict(compile=False, channels_last=False, bf16_sampling=False)
 

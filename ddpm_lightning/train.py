@@ -16,6 +16,7 @@ from ddpm_lightning.callbacks import (
     EMA,
     ETA,
     FIDCallback,
+    PostHocEMA,
     Preemption,
     ProgressBar,
     SampleGrid,
@@ -181,6 +182,11 @@ def build_callbacks(cfg: DictConfig, data: CIFARDataModule, run_dir: Path) -> li
         SampleGrid(**cfg.callbacks.sample_grid),  # these two before the EMA callback: they use the EMA weights
         *fid_callback(cfg, data),
         EMA(**cfg.callbacks.ema),
+        *(
+            [PostHocEMA(run_dir / "posthoc_ema", **cfg.callbacks.posthoc_ema)]
+            if cfg.callbacks.posthoc_ema.every_n_steps
+            else []
+        ),
         last_checkpoint(run_dir / "checkpoints"),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),
         *(

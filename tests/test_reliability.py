@@ -42,13 +42,18 @@ def train_cmd(python, root, run_dir, *extra, net=None):
 
 # the smallest net that has every part (attention, class embedding): resume is about the loop, not the width
 TINY_NET = ["net.width=4", "net.emb_dim=16", "net.heads=2", "net.attention=[4]"]
-# every training lever on (Min-SNR weights, warm-up and cosine decay, clipping, dropout, AdamW): resume stays bit-exact
+# every training lever on (Min-SNR weights, warm-up and cosine decay, clipping, dropout, AdamW, the log-SNR timestep
+# density, immiscible noise, the rescaled schedule, post-hoc EMA snapshots): resume stays bit-exact
 LEVERS = [
     "recipe=fast",
     "recipe.warmup_steps=30",
     "recipe.dropout=0.1",
     "recipe.weight_decay=0.01",
     "recipe.betas=[0.9,0.99]",
+    "recipe.timesteps=laplace",
+    "recipe.immiscible=true",
+    "schedule.rescale=true",
+    "callbacks.posthoc_ema.every_n_steps=20",
 ]
 
 
@@ -71,6 +76,9 @@ def assert_same_training_state(a, b):
     for i in sa:
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), ("optimizer", i, k)
+    (ea,) = [v for k, v in a["callbacks"].items() if k.startswith("PostHocEMA")]  # the power-function EMAs
+    (eb,) = [v for k, v in b["callbacks"].items() if k.startswith("PostHocEMA")]
+    assert ea["t"] == eb["t"] and all(map(torch.equal, sum(ea["averages"], []), sum(eb["averages"], [])))
 
 
 def wait_for(predicate, timeout=300):

@@ -13,9 +13,11 @@ import torch
 from ddpm_lightning.errors import ConfigError
 
 
-def linear_betas(T: int, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
-    """The paper's linear variance schedule beta_1..beta_T (section IV), in float64."""
-    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+def linear_betas(T: int, beta_1: float = 1e-4, beta_T: float = 0.02, rescale: bool = False) -> torch.Tensor:
+    """The paper's linear variance schedule beta_1..beta_T (section IV), in float64. ``rescale``: both ends times
+    1000 / T, so that any T ends where DDPM's 1,000 steps end (Nichol & Dhariwal 2021's scaled linear schedule)."""
+    scale = 1000 / T if rescale else 1.0
+    return torch.linspace(beta_1 * scale, beta_T * scale, T, dtype=torch.float64)
 
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -79,12 +81,28 @@ class Schedule:
             return self.snr.clamp(max=gamma) / self.snr
         raise ConfigError(f"recipe.loss_weighting={weighting!r} is unknown; use none or min_snr")
 
+    def timestep_probs(self, density: str, center: float = 0.0, width: float = 1.0) -> torch.Tensor:
+        """p(t) of the training's timestep draw, per 0-based step: "uniform" as the paper (Algorithm 1, line 3), or
+        "laplace": a Laplace density over log-SNR, p(lambda) = exp(-|lambda - center| / width) / (2 width) (Hang et
+        al. 2024), carried to the discrete steps by the log-SNR interval each step covers."""
+        if density == "uniform":
+            return torch.full_like(self.snr, 1 / self.T)
+        lam = self._f64["snr"].log()  # lambda_t = log SNR_t, falling in t
+        edges = torch.cat(
+            [lam[:1] + (lam[0] - lam[1]) / 2, (lam[1:] + lam[:-1]) / 2, lam[-1:] - (lam[-2] - lam[-1]) / 2]
+        )
+        cdf = lambda x: torch.where(
+            x < center, 0.5 * ((x - center) / width).exp(), 1 - 0.5 * (-(x - center) / width).exp()
+        )  # noqa: E731
+        p = cdf(edges[:-1]) - cdf(edges[1:])  # the Laplace mass of each step's log-SNR interval
+        return (p / p.sum()).to(self.snr)
+
     def q_step(self, x_prev: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         """One step of the forward chain, x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps  (eq. 1)."""
         return (1 - self.betas[t]).sqrt() * x_prev + self.betas[t].sqrt() * eps
 
 
-def build_schedule(kind: str, T: int, beta_1: float = 1e-4, beta_T: float = 0.02) -> Schedule:
-    """The schedule named by ``schedule.kind``: ``linear`` as the paper, or ``cosine`` (the settings are checked where
-    the config is composed, schema.check)."""
-    return Schedule(linear_betas(T, beta_1, beta_T) if kind == "linear" else cosine_betas(T))
+def build_schedule(kind: str, T: int, beta_1: float = 1e-4, beta_T: float = 0.02, rescale: bool = False) -> Schedule:
+    """The schedule named by ``schedule.kind``: ``linear`` as the paper (``rescale``: its betas times 1000 / T), or
+    ``cosine`` (the settings are checked where the config is composed, schema.check)."""
+    return Schedule(linear_betas(T, beta_1, beta_T, rescale) if kind == "linear" else cosine_betas(T))
