@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 27's study (docs/results/recipes_cpu): each lever alone against the paper's recipe at equal steps, on the shared
+# cars, the width-16 net with attention at [8, 4], 3,120 steps of batch 64 (40 epochs), the paper recipe with three
+# seeds for the seed-to-seed spread. Along each run FID/KID at N = 500 every 10 epochs (four points); at the end
+# evaluate.py at N = 1,000; all with DDIM 50, eta = 1 and the same noise. The paper seeds keep post-hoc EMA snapshots.
+# LANES processes at a time, one thread each: budgets are steps, so sharing the CPU changes wall times only (they are
+# converted from steps by the side-by-side per-step costs of bench/step_cost.py, not read off the clocks).
+# A rerun skips what is done; each finished run's log, CSV and final results are copied to docs/results/recipes_cpu/runs.
+#   bash scripts/study_cpu.sh                 (all runs, in the order below)
+#   bash scripts/study_cpu.sh paper_s0 rescale  (only these)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PY=.venv/bin/python
+export OUT=${OUT:-runs/study_cpu}
+export DOCS=${DOCS:-docs/results/recipes_cpu/runs}
+export DATA=${DATA:-../shared/data/cifar10-five-class-jpeg}
+export WEIGHTS=${WEIGHTS:-../shared/weights/pt_inception-2015-12-05-pool3-only.pth}
+LANES=${LANES:-3}
+mkdir -p "$OUT" "$DOCS"
+
+RUNS='paper_s0 seed=0 callbacks.posthoc_ema.every_n_steps=312
+paper_s1 seed=1 callbacks.posthoc_ema.every_n_steps=312
+paper_s2 seed=2 callbacks.posthoc_ema.every_n_steps=312
+rescale schedule.rescale=true
+laplace recipe.timesteps=laplace
+immiscible recipe.immiscible=true
+min_snr recipe.loss_weighting=min_snr
+warmup recipe.warmup_steps=200
+lr_x2 model.lr=2e-3
+lr_x0.5 model.lr=5e-4
+cosine_schedule schedule=cosine
+dropout recipe.dropout=0.1'
+
+one() {  # name, overrides...: train, then the final evaluation, then copy the small files into the docs
+  local name=$1; shift
+  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 data.root=$DATA"
+  OMP_NUM_THREADS=1 $PY train.py experiment=cars_cpu recipe=paper trainer.max_epochs=40 \
+    trainer.check_val_every_n_epoch=10 callbacks.fid.every_n_epochs=10 $m "$@" hydra.run.dir="$OUT/$name" \
+    >> "$OUT/$name.log" 2>&1 || { echo "$name: train.py failed, see $OUT/$name.log"; return 1; }
+  OMP_NUM_THREADS=1 $PY evaluate.py ckpt="$OUT/$name/checkpoints/last.ckpt" metrics.num_samples=1000 logger=csv $m \
+    hydra.run.dir="$OUT/$name/final_ddim" >> "$OUT/$name.final_ddim.log" 2>&1 \
+    || { echo "$name: evaluate.py failed, see $OUT/$name.final_ddim.log"; return 1; }
+  mkdir -p "$DOCS/$name"
+  cp "$OUT/$name.log" "$OUT/$name.final_ddim.log" "$OUT/$name/csv/metrics.csv" "$DOCS/$name/"
+  cp "$OUT/$name/.hydra/overrides.yaml" "$DOCS/$name/overrides.yaml"
+  cp "$OUT/$name/final_ddim/results.json" "$DOCS/$name/final_ddim.json"
+  cp "$(ls "$OUT/$name"/samples/*epoch_0039*.png | head -1)" "$DOCS/$name/grid.png" 2>/dev/null || true
+  echo "$name: done $(date -u +%H:%M)"
+}
+export -f one
+
+if [ $# -gt 0 ]; then RUNS=$(printf '%s\n' "$RUNS" | grep -E "^($(IFS='|'; echo "$*")) "); fi
+echo "study start $(date -u +%F' '%H:%M) at $(git rev-parse --short HEAD), $LANES lanes"
+printf '%s\n' "$RUNS" | xargs -P "$LANES" -L 1 bash -c 'one "$@"' _
+echo "study end $(date -u +%F' '%H:%M)"
