@@ -6,11 +6,16 @@ import time
 from omegaconf import OmegaConf
 
 
-def _gpu_or(on_gpu, otherwise):
-    """${gpu_or:A,B} in conf/: A when a CUDA device is present (the fast defaults), else B (CPU: fp32, eager)."""
+def _gpu_or(on_gpu, otherwise, *, _root_):
+    """${gpu_or:A,B} in conf/: A when a CUDA device is present (the fast defaults), else B (CPU: fp32, eager), as
+    speed.profile=auto says; speed.profile=gpu takes A and speed.profile=cpu takes B on any machine (gpu on a CPU is
+    the test suite's dress rehearsal of the GPU path: bf16-mixed, compile, channels_last, bf16 sampling)."""
     import torch
 
-    return on_gpu if torch.cuda.is_available() else otherwise
+    profile = OmegaConf.select(_root_, "speed.profile", default="auto")
+    if profile == "auto":
+        return on_gpu if torch.cuda.is_available() else otherwise
+    return on_gpu if profile == "gpu" else otherwise
 
 
 OmegaConf.register_new_resolver("gpu_or", _gpu_or, replace=True)

@@ -125,6 +125,12 @@ class DiffusionModule(L.LightningModule):
         loss = self.paper_loss(self.net, x0, self.labels(y), g)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """recipe.grad_clip by norm, as Lightning's Precision does it: its mixed-precision plugin refuses any clipping
+        for a fused optimizer (fearing a grad scaler's unscaling; bf16 has none), and fused Adam is the default."""
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+
     def configure_optimizers(self):
         return adam_and_schedule(self.net.parameters(), self.hparams.lr, self.hparams.recipe, self.lr_schedule)
 
@@ -142,20 +148,8 @@ class DiffusionModule(L.LightningModule):
             n, w = len(labels), hp.guidance["w"] if w is None else w
         shape = (3, hp.image_size, hp.image_size)
         y = labels if hp.conditional else None
-        return generate(
-            self.fast.sample,
-            self.sched,
-            sampler or hp.sampler,
-            n,
-            shape,
-            y,
-            w or 0.0,
-            self.net.null_class,
-            generator,
-            batch_size,
-            callback,
-            self.stop_check,
-        )
+        return generate(self.fast.sample, self.sched, sampler or hp.sampler, n, shape, y, w or 0.0, self.net.null_class,
+                        generator, batch_size, callback, self.stop_check)  # fmt: skip
 
 
 def adam_and_schedule(params, lr: float, recipe: dict, schedule: "LRSchedule"):
@@ -260,7 +254,7 @@ def load_checkpoint(path: str, device: str = "auto", ema_length: float | None = 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hparams = upgrade_hparams(ckpt["hyper_parameters"])
-        hparams["speed"] = {**hparams["speed"], **speed}
+        hparams["speed"] |= {k: v for k, v in speed.items() if k != "profile"}  # the profile chose these values
         module = DiffusionModule(**hparams)
         module.load_state_dict(ckpt["state_dict"])
         step = int(ckpt["global_step"])

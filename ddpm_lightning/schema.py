@@ -302,7 +302,17 @@ class PaperConfig:
 
 @dataclass
 class SpeedConfig:
+    profile: str = setting(
+        "whose defaults ${gpu_or:...} takes (compile, channels_last, bf16, trainer.precision): auto (the machine's), "
+        "gpu (on any machine: a test aid on a CPU) or cpu",
+        ["auto", "gpu", "cpu"],
+    )
     compile: bool = setting("torch.compile the U-Net (default on a GPU)")
+    compile_backend: str = setting(
+        "torch.compile's backend: inductor (generates kernels) or aot_eager (graph capture and the backward graph, "
+        "eager kernels: the GPU rehearsal's on a CPU, and the first step when a compile fails)",
+        ["inductor", "aot_eager"],
+    )
     channels_last: bool = setting("NHWC memory layout (default on a GPU)")
     bf16_sampling: bool = setting("bf16 autocast of the U-Net (default on a GPU)")
 
@@ -744,6 +754,11 @@ def relations(cfg: DictConfig) -> None:
         raise ConfigError(
             f"recipe.grad_clip={clip} and trainer.gradient_clip_val={trainer_clip} are the same setting with two "
             "values; give one of them"
+        )
+    if (clip or trainer_clip) and cfg.trainer.precision == "16-mixed":  # fused Adam unscales inside its step
+        raise ConfigError(
+            f"gradient clipping at {clip or trainer_clip} with trainer.precision=16-mixed would clip the grad scaler's "
+            "scaled gradients (fused Adam unscales them in its step); use trainer.precision=bf16-mixed"
         )
     if cfg.data.max_images is not None and cfg.data.batch_size > cfg.data.max_images:  # max_images: of the whole subset
         raise ConfigError(

@@ -49,7 +49,7 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> DiffusionModule:
         schedule=c["schedule"],
         guidance=guidance,
         recipe=c["recipe"],
-        speed=c["speed"],
+        speed={k: v for k, v in c["speed"].items() if k != "profile"},  # the profile chose these values
         sampler=c["sampler"],
         class_names=class_names,
         conditional=c["model"]["conditional"],
@@ -269,6 +269,12 @@ def fit(cfg: DictConfig, run_dir: Path, start: float) -> None:
         callbacks = build_callbacks(cfg, data, run_dir)
         started = callbacks[0]
         trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, resumed_step))
+        sp = cfg.speed
+        log.info(
+            f"speed ({sp.profile} profile): precision {trainer.precision}, torch.compile "
+            f"{f'on ({sp.compile_backend})' if sp.compile else 'off'}, channels_last {'on' if sp.channels_last else 'off'}, "
+            f"bf16 sampling {'on' if sp.bf16_sampling else 'off'}, fused Adam"
+        )
         if trainer.world_size > 1 and trainer.is_global_zero:
             log.info(
                 f"{trainer.world_size} ranks on {trainer.num_nodes} node(s), from {type(trainer.strategy.cluster_environment).__name__}"

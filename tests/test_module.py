@@ -272,7 +272,7 @@ def test_sampling_is_one_graph_with_static_shapes(monkeypatch):
     generation, which takes minutes on this CPU (the slow test in test_speed.py runs it)."""
     compiled, real_compile = [], torch.compile
 
-    def compile_eagerly(net, mode=None, fullgraph=False, dynamic=None):
+    def compile_eagerly(net, backend="inductor", mode=None, fullgraph=False, dynamic=None):
         compiled.append(mode)
         return real_compile(net, backend="eager", fullgraph=fullgraph, dynamic=dynamic)
 

@@ -98,6 +98,11 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["trainer.precision=8-bit"], "trainer.precision=8-bit is not one of 32-true"),
     ("config", ["trainer.accelerator=quantum"], "trainer.accelerator=quantum is not one of auto, cpu"),
     ("config", ["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
+    (
+        "config",
+        ["recipe=fast", "trainer.precision=16-mixed"],
+        "gradient clipping at 1.0 with trainer.precision=16-mixed would clip the grad scaler's scaled gradients",
+    ),
     ("config", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 must be >= 1"),
     (
         "config",
@@ -301,7 +306,7 @@ def test_the_settings_tables_in_docs_are_the_schema():
     for entry, script in ENTRIES.items():
         table = schema.settings_table(entry)
         assert table in doc, (
-            f"docs/settings.md's table of {script} differs from the schema; paste python -m ddpm_lightning.schema {entry}"
+            f"docs/settings.md's table of {script} differs from the schema; run .venv/bin/python scripts/settings_tables.py"
         )
     assert len(re.findall(r"^\| `", doc, flags=re.M)) >= 100
     assert "docs/settings.md" in (ROOT / "README.md").read_text()
