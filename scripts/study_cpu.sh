@@ -8,9 +8,11 @@
 # A rerun skips what is done; each finished run's log, CSV and final results are copied to docs/results/recipes_cpu/runs.
 #   bash scripts/study_cpu.sh                 (all runs, in the order below)
 #   bash scripts/study_cpu.sh paper_s0 rescale  (only these)
+# The study ran from a git worktree of a fixed commit (PY, OUT and DOCS pointing back), so that edits made while it
+# ran could not enter a run that started later.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PY=.venv/bin/python
+export PY=${PY:-.venv/bin/python}
 export OUT=${OUT:-runs/study_cpu}
 export DOCS=${DOCS:-docs/results/recipes_cpu/runs}
 export DATA=${DATA:-../shared/data/cifar10-five-class-jpeg}
