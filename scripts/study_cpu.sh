@@ -7,7 +7,7 @@
 # converted from steps by the side-by-side per-step costs of bench/step_cost.py, not read off the clocks).
 # A rerun skips what is done; each finished run's log, CSV and final results are copied to docs/results/recipes_cpu/runs.
 #   bash scripts/study_cpu.sh                 (all runs, in the order below)
-#   bash scripts/study_cpu.sh paper_s0 rescale  (only these)
+#   bash scripts/study_cpu.sh paper_s0 rescale  (only these; "posthoc": the post-hoc EMA lengths of the paper seeds)
 # The study ran from a git worktree of a fixed commit (PY, OUT and DOCS pointing back), so that edits made while it
 # ran could not enter a run that started later.
 set -euo pipefail
@@ -31,10 +31,15 @@ warmup recipe.warmup_steps=200
 lr_x2 model.lr=2e-3
 lr_x0.5 model.lr=5e-4
 cosine_schedule schedule=cosine
-dropout recipe.dropout=0.1'
+dropout recipe.dropout=0.1
+width12 net.width=12 net.emb_dim=48 trainer.max_epochs=60 trainer.max_steps=3847
+width24 net.width=24 net.emb_dim=96 net.heads=4 trainer.max_epochs=60 trainer.max_steps=1651'
+# widths at width 16's compute: steps x its cost per step over theirs, side by side on an idle CPU (bench/width_cost.py)
+POSTHOC='0.05 0.10 0.20'  # EMA lengths (sigma_rel) reconstructed from the paper seeds' snapshots, scored at N = 1,000
 
 one() {  # name, overrides...: train, then the final evaluation, then copy the small files into the docs
   local name=$1; shift
+  [ -f "$DOCS/$name/final_ddim.json" ] && { echo "$name: done before ($DOCS/$name)"; return 0; }
   local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 data.root=$DATA"
   OMP_NUM_THREADS=1 $PY train.py experiment=cars_cpu recipe=paper trainer.max_epochs=40 \
     trainer.check_val_every_n_epoch=10 callbacks.fid.every_n_epochs=10 $m "$@" hydra.run.dir="$OUT/$name" \
@@ -49,9 +54,24 @@ one() {  # name, overrides...: train, then the final evaluation, then copy the s
   cp "$(ls "$OUT/$name"/samples/*epoch_0039*.png | head -1)" "$DOCS/$name/grid.png" 2>/dev/null || true
   echo "$name: done $(date -u +%H:%M)"
 }
-export -f one
+posthoc() {  # name sigma_rel: the final checkpoint with the post-hoc EMA of that length, at N = 1,000
+  local name=$1 sigma=$2
+  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 data.root=$DATA"
+  [ -f "$DOCS/$name/posthoc_$sigma.json" ] && return 0
+  OMP_NUM_THREADS=1 $PY evaluate.py ckpt="$OUT/$name/checkpoints/last.ckpt" ema_length=$sigma metrics.num_samples=1000 \
+    logger=csv $m hydra.run.dir="$OUT/$name/posthoc_$sigma" >> "$OUT/$name.posthoc_$sigma.log" 2>&1 \
+    || { echo "$name: evaluate.py ema_length=$sigma failed, see $OUT/$name.posthoc_$sigma.log"; return 1; }
+  cp "$OUT/$name/posthoc_$sigma/results.json" "$DOCS/$name/posthoc_$sigma.json"
+  cp "$OUT/$name.posthoc_$sigma.log" "$DOCS/$name/"
+  echo "$name: ema_length=$sigma done $(date -u +%H:%M)"
+}
+export -f one posthoc
 
-if [ $# -gt 0 ]; then RUNS=$(printf '%s\n' "$RUNS" | grep -E "^($(IFS='|'; echo "$*")) "); fi
+if [ $# -gt 0 ]; then RUNS=$(printf '%s\n' "$RUNS" | grep -E "^($(IFS='|'; echo "$*")) " || true); fi
 echo "study start $(date -u +%F' '%H:%M) at $(git rev-parse --short HEAD), $LANES lanes"
-printf '%s\n' "$RUNS" | xargs -P "$LANES" -L 1 bash -c 'one "$@"' _
+[ -z "$RUNS" ] || printf '%s\n' "$RUNS" | xargs -P "$LANES" -L 1 bash -c 'one "$@"' _
+if [ $# -eq 0 ] || [[ " $* " == *" posthoc "* ]]; then  # the paper seeds' snapshots, at each length
+  for seed in 0 1 2; do for sigma in $POSTHOC; do echo "paper_s$seed $sigma"; done; done \
+    | xargs -P "$LANES" -L 1 bash -c '[ -d "$OUT/$1/posthoc_ema" ] && posthoc "$@" || echo "$1: no snapshots in $OUT"' _
+fi
 echo "study end $(date -u +%F' '%H:%M)"
