@@ -30,7 +30,7 @@ def our_step(width: int, attention: list[int], batch: int, recipe: dict | None =
     m = tiny_module(
         net=dict(width=width, emb_dim=4 * width, heads=2 if width <= 16 else 4, attention=attention),
         schedule=dict(T=500),
-        recipe=dict(loss_weighting=recipe.get("loss_weighting", "none")),
+        recipe=dict(loss_weighting=recipe.get("loss_weighting", "none"), immiscible=recipe.get("immiscible", False)),
     )
     opt = torch.optim.Adam(m.net.parameters(), lr=1e-3, fused=True)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1

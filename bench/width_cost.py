@@ -1,6 +1,7 @@
 """The cost of a training step at each width of issue 27's study (attention at 8x8 and 4x4, emb_dim 4 x width, batch
 64), side by side in one run, and the steps each width gets for the compute of width 16's 3,120: steps x (s per step
-of width 16) / (s per step of the width). FLOPs per step from torch.utils.flop_counter, for the record.
+of width 16) / (s per step of the width). FLOPs per step from torch.utils.flop_counter, for the record. Also width 16
+with recipe.immiscible, whose linear assignment is the one lever of the study with a cost per step.
 
     .venv/bin/python bench/width_cost.py --out bench/results/width_cost_cpu.json      # about 5 minutes on 2 cores
 """
@@ -16,6 +17,7 @@ def main():
     args = arguments(__doc__, batch=64, steps=3, rounds=5, budget=3120)
     torch.manual_seed(0)
     built = {w: our_step(w, [8, 4], args.batch) for w in WIDTHS}
+    built["16, immiscible"] = our_step(16, [8, 4], args.batch, dict(immiscible=True))
     times = seconds({w: step for w, (step, _) in built.items()}, rounds=args.rounds, warmup=1, calls=args.steps)
     rows = [
         dict(
@@ -26,10 +28,12 @@ def main():
             s_per_step=round(times[w], 5),
             steps_at_equal_compute=round(args.budget * times[16] / times[w]),
         )
-        for w in WIDTHS
+        for w in built
     ]
     report("width_cost", rows, args.out)
-    print("\n| width | parameters | GFLOP per step | s per step | steps for width 16's 3,120 |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| width | parameters | GFLOP per step | s per step | steps for width 16's 3,120 |\n| --- | --- | --- | --- | --- |"
+    )
     for r in rows:
         print(
             f"| {r['width']} | {r['params'] / 1e6:.2f}M | {r['gflop_per_step']} | {r['s_per_step']} | "

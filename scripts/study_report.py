@@ -1,0 +1,178 @@
+"""Issue 27's study table and figure (docs/results/recipes_cpu) from the files scripts/study_cpu.sh copies into
+docs/results/recipes_cpu/runs/<run>/: the FID/KID points along each run (N = 500, its metrics.csv), its final
+evaluation (N = 1,000, final_ddim.json) and the paper seeds' post-hoc EMA lengths (posthoc_<sigma_rel>.json). Wall
+times are steps x the per-step cost of bench/width_cost.py (measured side by side on an idle CPU), because the runs
+shared the CPU three at a time.
+
+A lever counts when its final KID (N = 1,000) is further from the paper seeds' mean than the seeds' spread (max - min)
+and its 95% interval does not reach that mean; otherwise it is within the noise.
+
+    .venv/bin/python scripts/study_report.py
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+import matplotlib.figure
+
+from ddpm_lightning.files import save_figure, write_json, write_text
+
+matplotlib.use("Agg")
+SEEDS = ["paper_s0", "paper_s1", "paper_s2"]
+LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
+    "rescale": ("schedule.rescale=true (betas x 1000/T)", "16"),
+    "cosine_schedule": ("schedule=cosine", "16"),
+    "laplace": ("recipe.timesteps=laplace (centre 0, width 2)", "16"),
+    "immiscible": ("recipe.immiscible=true", "16, immiscible"),
+    "min_snr": ("recipe.loss_weighting=min_snr (gamma 5)", "16"),
+    "warmup": ("recipe.warmup_steps=200", "16"),
+    "lr_x2": ("model.lr=2e-3", "16"),
+    "lr_x0.5": ("model.lr=5e-4", "16"),
+    "dropout": ("recipe.dropout=0.1", "16"),
+    "width12": ("net.width=12, 3,847 steps (equal compute)", "12"),
+    "width24": ("net.width=24, 1,651 steps (equal compute)", "24"),
+}
+
+
+def along(run: Path) -> list[dict]:
+    """The FID/KID points along a run (N = 500), from its CSV log."""
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/fid")]
+    return [
+        dict(
+            step=int(r["step"]) + 1,
+            fid=float(r["val/fid"]),
+            kid=float(r["val/kid_mean"]),
+            kid_ci95=[float(r["val/kid_ci95_low"]), float(r["val/kid_ci95_high"])],
+        )
+        for r in rows
+    ]
+
+
+def load_run(run: Path) -> dict | None:
+    final = run / "final_ddim.json"
+    if not final.is_file():
+        return None
+    posthoc = {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in sorted(run.glob("posthoc_*.json"))}
+    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc)
+
+
+def time_to(points: list[dict], kid: float, s_per_step: float) -> float | None:
+    """Seconds until a KID curve first reaches ``kid``, linearly interpolated between its points (None: never)."""
+    prev = None
+    for r in points:
+        if r["kid"] <= kid:
+            if prev is None:
+                return r["step"] * s_per_step
+            frac = (prev["kid"] - kid) / (prev["kid"] - r["kid"])
+            return (prev["step"] + frac * (r["step"] - prev["step"])) * s_per_step
+        prev = r
+    return None
+
+
+def verdict(kid: float, ci: list[float], mean: float, spread: float) -> str:
+    if abs(kid - mean) <= spread or ci[0] <= mean <= ci[1]:
+        return "within the noise"
+    return "pays" if kid < mean else "hurts"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="docs/results/recipes_cpu")
+    p.add_argument("--costs", default="bench/results/width_cost_cpu.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    costs = {str(r["width"]): r["s_per_step"] for r in json.loads(Path(args.costs).read_text())["rows"]}
+    runs = {name: load_run(out / "runs" / name) for name in [*SEEDS, *LEVERS]}
+    runs = {k: v for k, v in runs.items() if v is not None}
+    seeds = [runs[s] for s in SEEDS if s in runs]
+    if len(seeds) < 2:
+        raise SystemExit("error: fewer than two paper seeds have finished; run scripts/study_cpu.sh first")
+    kids = [s["final"]["kid_mean"] for s in seeds]
+    mean, spread = sum(kids) / len(kids), max(kids) - min(kids)
+    target = sum(s["along"][-1]["kid"] for s in seeds) / len(seeds)  # the paper recipe's final KID at N = 500
+    paper_time = seeds[0]["along"][-1]["step"] * costs["16"]
+
+    k = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+    lines = [
+        "| run | lever | steps | FID along the run (N = 500) | FID, N = 1,000 [95%] | KID x1e3, N = 1,000 [95%] | "
+        "KID vs the seeds' mean | time to the paper's final KID (N = 500) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    table = {}
+    for name, r in runs.items():
+        f = r["final"]
+        label, case = ("the paper's recipe, seed " + name[-1], "16") if name in SEEDS else LEVERS[name]
+        t = time_to(r["along"], target, costs[case])
+        steps = r["along"][-1]["step"]
+        row = dict(
+            lever=label,
+            steps=steps,
+            fid_along=[round(a["fid"], 1) for a in r["along"]],
+            fid=f["fid"],
+            fid_ci95=f["fid_ci95"],
+            kid=f["kid_mean"],
+            kid_ci95=f["kid_ci95"],
+            minutes_to_paper_kid=None if t is None else round(t / 60, 1),
+            speedup=None if t is None else round(paper_time / t, 2),
+            verdict="seed" if name in SEEDS else verdict(f["kid_mean"], f["kid_ci95"], mean, spread),
+        )
+        table[name] = row
+        lines.append(
+            f"| {name} | {label} | {steps:,} | {' -> '.join(str(round(v)) for v in row['fid_along'])} | "
+            f"{f['fid']:.1f} [{f['fid_ci95'][0]:.1f}, {f['fid_ci95'][1]:.1f}] | {k(f['kid_mean'])} "
+            f"[{k(f['kid_ci95'][0])}, {k(f['kid_ci95'][1])}] | {(f['kid_mean'] - mean) * 1e3:+.1f} | "
+            + ("not reached" if t is None else f"{t / 60:.1f} min ({row['speedup']}x)")
+            + f" | {row['verdict']} |"
+        )
+    lines.append(
+        f"| paper, {len(seeds)} seeds | mean, spread (max - min) | | | | {k(mean)}, spread {k(spread)} | | "
+        f"{paper_time / 60:.1f} min | |"
+    )
+    posthoc_lines = ["| EMA | " + " | ".join(SEEDS) + " | mean |", "| --- |" + " --- |" * (len(SEEDS) + 1)]
+    lengths = sorted({s for r in seeds for s in r["posthoc"]}, key=float)
+    posthoc = {}
+    for sigma in ["checkpoint (0.9999, warm-up)", *lengths]:
+        vals = [(r["final"] if sigma.startswith("checkpoint") else r["posthoc"].get(sigma)) for r in seeds]
+        got = [v["kid_mean"] for v in vals if v]
+        posthoc[sigma] = got
+        cells = [f"{k(v['kid_mean'])} [{k(v['kid_ci95'][0])}, {k(v['kid_ci95'][1])}]" if v else "n/a" for v in vals]
+        posthoc_lines.append(
+            f"| {sigma if sigma.startswith('checkpoint') else 'sigma_rel ' + sigma} | {' | '.join(cells)} | "
+            f"{k(sum(got) / len(got)) if got else 'n/a'} |"
+        )
+    floor = seeds[0]["final"]
+    text = (
+        "\n".join(lines)
+        + f"\n\nKID x1e3 at N = 1,000, DDIM 50 eta = 1, against the 5,000 training cars; real-data floor FID "
+        f"{floor['fid_floor']:.1f}, KID x1e3 {k(floor['kid_floor'])}. Wall times: steps x the idle per-step cost "
+        "of bench/width_cost.py.\n\nPost-hoc EMA of the paper seeds (KID x1e3, N = 1,000):\n\n"
+        + "\n".join(posthoc_lines)
+        + "\n"
+    )
+    write_text(out / "table.md", text, "the study's table")
+    write_json(out / "study.json", dict(seeds=dict(kid_mean=mean, kid_spread=spread), runs=table, posthoc=posthoc))
+
+    fig = matplotlib.figure.Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    steps = [a["step"] for a in seeds[0]["along"]]
+    band = [[s["along"][i]["kid"] * 1e3 for s in seeds] for i in range(len(steps))]
+    minutes = [s * costs["16"] / 60 for s in steps]
+    ax.fill_between(minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label="paper, seed range")
+    ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
+    for name, r in runs.items():
+        if name not in SEEDS:
+            cost = costs[LEVERS[name][1]]
+            ax.plot(
+                [a["step"] * cost / 60 for a in r["along"]], [a["kid"] * 1e3 for a in r["along"]], ".--", label=name
+            )
+    ax.set(xlabel="minutes of an idle 2-core CPU", ylabel="KID x1e3 (N = 500, DDIM 50 eta 1)", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, out / "study.png", "the study's figure", dpi=120)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
