@@ -202,7 +202,9 @@ class StopCounting(L.Callback):
         self.probe.steps[trainer.global_step] = self.probe.mode
 
 
-LEVERS = dict(  # recipe.immiscible is left out: its linear assignment is a host read by design (diffusion/loss.py)
+# recipe.immiscible is left out: its linear assignment is a host round trip by design (diffusion/loss.py), and on the
+# CPU .numpy() and torch.from_numpy make no operator this guard could see
+LEVERS = dict(
     loss_weighting="min_snr",
     warmup_steps=3,
     lr_decay="cosine",
