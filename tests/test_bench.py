@@ -17,6 +17,7 @@ TINY = {  # each benchmark at the smallest size that runs all of its cases
     "sampler_accuracy.py": ["--n", "200", "--T", "50"],
     "sampler_overhead.py": ["--repeats", "1", "--batch", "2"],
     "step_cost.py": ["--batch", "2", "--steps", "1", "--rounds", "1", "--wide", "8", "--wide-batch", "2"],
+    "width_cost.py": ["--batch", "2", "--steps", "1", "--rounds", "1"],
     "memorization_cost.py": ["--n", "8", "--train", "50", "--inception-images", "4", "--rounds", "1"],
 }
 
