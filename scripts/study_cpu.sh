@@ -32,8 +32,8 @@ lr_x2 model.lr=2e-3
 lr_x0.5 model.lr=5e-4
 cosine_schedule schedule=cosine
 dropout recipe.dropout=0.1
-width12 net.width=12 net.emb_dim=48 trainer.max_epochs=60 trainer.max_steps=3847
-width24 net.width=24 net.emb_dim=96 net.heads=4 trainer.max_epochs=60 trainer.max_steps=1651'
+width12 net.width=12 net.emb_dim=48 trainer.max_epochs=60 trainer.max_steps=3711
+width24 net.width=24 net.emb_dim=96 net.heads=4 trainer.max_epochs=60 trainer.max_steps=1595'
 # widths at width 16's compute: steps x its cost per step over theirs, side by side on an idle CPU (bench/width_cost.py)
 POSTHOC='0.05 0.10 0.20'  # EMA lengths (sigma_rel) reconstructed from the paper seeds' snapshots, scored at N = 1,000
 

@@ -32,8 +32,8 @@ LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "lr_x2": ("model.lr=2e-3", "16"),
     "lr_x0.5": ("model.lr=5e-4", "16"),
     "dropout": ("recipe.dropout=0.1", "16"),
-    "width12": ("net.width=12, 3,847 steps (equal compute)", "12"),
-    "width24": ("net.width=24, 1,651 steps (equal compute)", "24"),
+    "width12": ("net.width=12, 3,711 steps (equal compute)", "12"),
+    "width24": ("net.width=24, 1,595 steps (equal compute)", "24"),
 }
 
 
