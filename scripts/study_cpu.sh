@@ -8,8 +8,8 @@
 # A rerun skips what is done; each finished run's log, CSV and final results are copied to docs/results/recipes_cpu/runs.
 #   bash scripts/study_cpu.sh                 (all runs, in the order below)
 #   bash scripts/study_cpu.sh paper_s0 rescale  (only these; "posthoc": the post-hoc EMA lengths of the paper seeds)
-# The study ran from a git worktree of a fixed commit (PY, OUT and DOCS pointing back), so that edits made while it
-# ran could not enter a run that started later.
+# The study ran from a git worktree of a fixed commit (PY, OUT, DOCS and CACHE pointing back), so that edits made
+# while it ran could not enter a run that started later.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
@@ -17,6 +17,7 @@ export OUT=${OUT:-runs/study_cpu}
 export DOCS=${DOCS:-docs/results/recipes_cpu/runs}
 export DATA=${DATA:-../shared/data/cifar10-five-class-jpeg}
 export WEIGHTS=${WEIGHTS:-../shared/weights/pt_inception-2015-12-05-pool3-only.pth}
+export CACHE=${CACHE:-$PWD/cache/fid_stats}  # reference statistics and floors, computed once (give it from a worktree)
 LANES=${LANES:-3}
 mkdir -p "$OUT" "$DOCS"
 
@@ -40,7 +41,7 @@ POSTHOC='0.05 0.10 0.20'  # EMA lengths (sigma_rel) reconstructed from the paper
 one() {  # name, overrides...: train, then the final evaluation, then copy the small files into the docs
   local name=$1; shift
   [ -f "$DOCS/$name/final_ddim.json" ] && { echo "$name: done before ($DOCS/$name)"; return 0; }
-  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 data.root=$DATA"
+  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 metrics.cache_dir=$CACHE data.root=$DATA"
   OMP_NUM_THREADS=1 $PY train.py experiment=cars_cpu recipe=paper trainer.max_epochs=40 \
     trainer.check_val_every_n_epoch=10 callbacks.fid.every_n_epochs=10 $m "$@" hydra.run.dir="$OUT/$name" \
     >> "$OUT/$name.log" 2>&1 || { echo "$name: train.py failed, see $OUT/$name.log"; return 1; }
@@ -56,7 +57,7 @@ one() {  # name, overrides...: train, then the final evaluation, then copy the s
 }
 posthoc() {  # name sigma_rel: the final checkpoint with the post-hoc EMA of that length, at N = 1,000
   local name=$1 sigma=$2
-  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 data.root=$DATA"
+  local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 metrics.cache_dir=$CACHE data.root=$DATA"
   [ -f "$DOCS/$name/posthoc_$sigma.json" ] && return 0
   OMP_NUM_THREADS=1 $PY evaluate.py ckpt="$OUT/$name/checkpoints/last.ckpt" ema_length=$sigma metrics.num_samples=1000 \
     logger=csv $m hydra.run.dir="$OUT/$name/posthoc_$sigma" >> "$OUT/$name.posthoc_$sigma.log" 2>&1 \
