@@ -39,7 +39,7 @@ class DiffusionLoss:
         self.schedule, self.weighting, self.snr_gamma = schedule, weighting, snr_gamma
         self.p_uncond, self.null_class, self.memory_format = p_uncond, null_class, memory_format
         schedule.loss_weights(weighting, snr_gamma)  # an unknown weighting fails here, before training
-        self.timesteps, self.immiscible = timesteps, immiscible
+        self.immiscible = immiscible
         self.p_t = (
             None if timesteps == "uniform" else schedule.timestep_probs(timesteps, timestep_center, timestep_width)
         )
