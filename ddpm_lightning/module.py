@@ -273,15 +273,14 @@ def posthoc_weights(path: str, step: int, ema_length: float) -> dict[str, torch.
     train.py's callbacks.posthoc_ema wrote to the run dir of checkpoint ``path`` (<run dir>/checkpoints/x.ckpt),
     at the last snapshot at or before the checkpoint's step."""
     directory = Path(path).resolve().parents[1] / "posthoc_ema"
-    found = sorted(directory.glob("step_*.pt"))
     snapshots = []
-    for p in found:
+    for p in sorted(directory.glob("step_*.pt")):
+        if int(p.stem.removeprefix("step_")) > step:  # PostHocEMA names each snapshot by its step: not read
+            continue
         try:
-            snapshot = torch.load(p, map_location="cpu", weights_only=True)
+            snapshots.append(torch.load(p, map_location="cpu", weights_only=True))
         except Exception as e:
             raise ConfigError(f"cannot read post-hoc EMA snapshot {p} ({type(e).__name__}); move it away") from None
-        if snapshot["step"] <= step:
-            snapshots.append(snapshot)
     if not snapshots:
         raise ConfigError(
             f"ema_length={ema_length} needs post-hoc EMA snapshots at or before step {step} in {directory}, and "

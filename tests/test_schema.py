@@ -199,6 +199,12 @@ BAD = [  # (entry point, arguments, what the line says)
     ),
     ("evaluate", ["metrics.num_samples=0"], "metrics.num_samples=0 must be >= 2"),
     ("evaluate", ["device=gpu7"], "device=gpu7 must be auto, cpu, cuda, cuda:N or mps"),
+    ("evaluate", ["ema_length=0.5"], "ema_length=0.5 must be in (0, 0.2887)"),
+    ("sample", ["ema_length=0"], "ema_length=0.0 must be in (0, 0.2887)"),
+    ("config", ["callbacks.posthoc_ema.sigma_rels=[0.05,0.05]"], "must be distinct lengths in (0, 0.2887)"),
+    ("config", ["recipe.timestep_width=0"], "recipe.timestep_width=0.0 must be > 0"),
+    ("config", ["recipe.timesteps=normal"], "recipe.timesteps=normal is not one of uniform, laplace"),
+    ("config", ["speed.profile=tpu"], "speed.profile=tpu is not one of auto, gpu, cpu"),
     ("evaluate", ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0 must be >= 1"),
     ("evaluate", ["-m", "guidance.w=0,1,bad"], "guidance.w=bad must be a number >= -1"),
     (
