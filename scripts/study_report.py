@@ -2,7 +2,8 @@
 docs/results/recipes_cpu/runs/<run>/: the FID/KID points along each run (N = 500, its metrics.csv), its final
 evaluation (N = 1,000, final_ddim.json) and the paper seeds' post-hoc EMA lengths (posthoc_<sigma_rel>.json). Wall
 times are steps x the per-step cost of bench/width_cost.py (measured side by side on an idle CPU), because the runs
-shared the CPU three at a time.
+shared the CPU two or three at a time. Final checkpoints scored with the ancestral sampler (final_ancestral.json) get a
+second table and the rank correlation of the two samplers' KIDs.
 
 A lever counts when its final KID (N = 1,000) is further from the paper seeds' mean than the seeds' spread (max - min)
 and its 95% interval does not reach that mean; otherwise it is within the noise.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.figure
+import scipy.stats
 
 from ddpm_lightning.files import save_figure, write_json, write_text
 
@@ -56,7 +58,9 @@ def load_run(run: Path) -> dict | None:
     if not final.is_file():
         return None
     posthoc = {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in sorted(run.glob("posthoc_*.json"))}
-    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc)
+    ancestral = run / "final_ancestral.json"
+    ancestral = json.loads(ancestral.read_text()) if ancestral.is_file() else None
+    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc, ancestral=ancestral)
 
 
 def time_to(points: list[dict], kid: float, s_per_step: float) -> float | None:
@@ -147,6 +151,23 @@ def main():
             f"| {sigma if sigma.startswith('checkpoint') else 'sigma_rel ' + sigma} | {' | '.join(cells)} | "
             f"{k(sum(got) / len(got)) if got else 'n/a'} | {', '.join(f'{d * 1e3:+.1f}' for d in paired)} |"
         )
+    both = {name: r for name, r in runs.items() if r["ancestral"]}
+    ancestral_lines = []
+    if len(both) >= 3:  # does the ranking by DDIM 50 eta = 1 hold with the paper's sampler?
+        ddim = [r["final"]["kid_mean"] for r in both.values()]
+        anc = [r["ancestral"]["kid_mean"] for r in both.values()]
+        rho = scipy.stats.spearmanr(ddim, anc).statistic
+        ancestral_lines = [
+            "| run | KID x1e3, DDIM 50 eta = 1, N = 1,000 [95%] | KID x1e3, ancestral 500 steps, N = 500 [95%] |",
+            "| --- | --- | --- |",
+            *(
+                f"| {name} | {k(r['final']['kid_mean'])} [{k(r['final']['kid_ci95'][0])}, "
+                f"{k(r['final']['kid_ci95'][1])}] | {k(r['ancestral']['kid_mean'])} "
+                f"[{k(r['ancestral']['kid_ci95'][0])}, {k(r['ancestral']['kid_ci95'][1])}] |"
+                for name, r in both.items()
+            ),
+            f"\nSpearman's rank correlation of the two columns: {rho:.2f} over {len(both)} runs.",
+        ]
     floor = seeds[0]["final"]
     text = (
         "\n".join(lines)
@@ -155,8 +176,15 @@ def main():
         "of bench/width_cost.py.\n\nPost-hoc EMA of the paper seeds (KID x1e3, N = 1,000):\n\n"
         + "\n".join(posthoc_lines)
         + "\n"
+        + (
+            "\nThe final checkpoints with the paper's sampler:\n\n" + "\n".join(ancestral_lines) + "\n"
+            if ancestral_lines
+            else ""
+        )
     )
     write_text(out / "table.md", text, "the study's table")
+    for name, r in both.items():
+        table[name]["kid_ancestral"] = r["ancestral"]["kid_mean"]
     write_json(out / "study.json", dict(seeds=dict(kid_mean=mean, kid_spread=spread), runs=table, posthoc=posthoc))
 
     fig = matplotlib.figure.Figure(figsize=(8, 5))
