@@ -1,6 +1,6 @@
 """Training cost per step, side by side in one run (issue 18): the U-Net with self-attention at each placement of
-``net.attention``, at two widths; at the study's width, also the fast recipe's step (Min-SNR weights and gradient
-clipping) and the peer's step (diffusers' UNet2DModel with DDPMScheduler, as its train_unconditional example).
+``net.attention``, at two widths; at the study's width, also the first study's fast recipe's step (Min-SNR weights
+and gradient clipping) and the peer's step (diffusers' UNet2DModel with DDPMScheduler, as its train_unconditional example).
 
 Each case is a plain training step (noise, loss, backward, Adam); the cases take turns in rounds, and each case's
 figure is the median of its rounds, so a slow spell of the shared machine hits them all alike.
@@ -82,8 +82,8 @@ def main():
     rows = []
     fast = dict(loss_weighting="min_snr", grad_clip=1.0)
     cases16 = {f"width 16, attention {k}": (lambda a=a: our_step(16, a, args.batch)) for k, a in PLACEMENTS.items()}
-    cases16["width 16, attention 8, 4, recipe=fast (Min-SNR weights, clipping)"] = lambda: our_step(
-        16, [8, 4], args.batch, fast
+    cases16["width 16, attention 8, 4, Min-SNR weights and clipping (the first study's recipe=fast)"] = lambda: (
+        our_step(16, [8, 4], args.batch, fast)
     )
     cases16["peer: diffusers UNet2DModel + DDPMScheduler"] = lambda: peer_step(args.batch)
     for row in measure(cases16, args.steps, args.rounds, args.batch):

@@ -24,6 +24,7 @@ from ddpm_lightning.files import save_figure, write_json, write_text
 
 matplotlib.use("Agg")
 SEEDS = ["paper_s0", "paper_s1", "paper_s2"]
+FAST = ["fast_s0", "fast_s1", "fast_s2"]  # recipe=fast: what paid alone, combined, with the paper's seeds
 LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "rescale": ("schedule.rescale=true (betas x 1000/T)", "16"),
     "cosine_schedule": ("schedule=cosine", "16"),
@@ -89,7 +90,7 @@ def main():
     args = p.parse_args()
     out = Path(args.out)
     costs = {str(r["width"]): r["s_per_step"] for r in json.loads(Path(args.costs).read_text())["rows"]}
-    runs = {name: load_run(out / "runs" / name) for name in [*SEEDS, *LEVERS]}
+    runs = {name: load_run(out / "runs" / name) for name in [*SEEDS, *LEVERS, *FAST]}
     runs = {k: v for k, v in runs.items() if v is not None}
     seeds = [runs[s] for s in SEEDS if s in runs]
     if len(seeds) < 2:
@@ -108,7 +109,11 @@ def main():
     table = {}
     for name, r in runs.items():
         f = r["final"]
-        label, case = ("the paper's recipe, seed " + name[-1], "16") if name in SEEDS else LEVERS[name]
+        seed = f"seed {name[-1]}"
+        label, case = LEVERS.get(name) or (
+            f"the paper's recipe, {seed}" if name in SEEDS else f"recipe=fast, {seed}",
+            "16",
+        )
         t = time_to(r["along"], target, costs[case])
         steps = r["along"][-1]["step"]
         row = dict(
@@ -135,6 +140,18 @@ def main():
         f"| paper, {len(seeds)} seeds | mean, spread (max - min) | | | | {k(mean)}, spread {k(spread)} | | "
         f"{paper_time / 60:.1f} min | |"
     )
+    fast = [table[f] for f in FAST if f in table]
+    if fast:  # time to quality: the fast seeds' mean time to the paper's final KID against the paper's time
+        kf = [r["kid"] for r in fast]
+        times = [r["minutes_to_paper_kid"] for r in fast]
+        reached = None not in times
+        ratio = paper_time / 60 / (sum(times) / len(times)) if reached else None
+        lines.append(
+            f"| recipe=fast, {len(fast)} seeds | mean, spread (max - min) | | | | {k(sum(kf) / len(kf))}, spread "
+            f"{k(max(kf) - min(kf))} | {(sum(kf) / len(kf) - mean) * 1e3:+.1f} | "
+            + (f"{sum(times) / len(times):.1f} min ({ratio:.2f}x)" if reached else "not reached by every seed")
+            + " | |"
+        )
     posthoc_lines = [
         "| EMA | " + " | ".join(SEEDS) + " | mean | minus the checkpoint's, per seed (paired) |",
         "| --- |" + " --- |" * (len(SEEDS) + 2),
@@ -194,8 +211,14 @@ def main():
     minutes = [s * costs["16"] / 60 for s in steps]
     ax.fill_between(minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label="paper, seed range")
     ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
+    fast_runs = [runs[f] for f in FAST if f in runs]
+    if len(fast_runs) >= 2:  # recipe=fast's seeds as a band too
+        band = [[r["along"][i]["kid"] * 1e3 for r in fast_runs] for i in range(len(steps))]
+        ax.fill_between(
+            minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label="recipe=fast, seed range"
+        )
     for name, r in runs.items():
-        if name not in SEEDS:
+        if name not in SEEDS and name not in FAST:
             cost = costs[LEVERS[name][1]]
             ax.plot(
                 [a["step"] * cost / 60 for a in r["along"]], [a["kid"] * 1e3 for a in r["along"]], ".--", label=name

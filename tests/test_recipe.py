@@ -148,8 +148,8 @@ def test_the_cosine_keeps_its_length_on_resume_and_a_longer_run_decays_on_from_w
 
 
 def test_resuming_with_another_recipe_is_refused_in_one_line(tmp_path):
-    """A paper-recipe checkpoint resumed with recipe=fast would change its loss weighting and restart the LR warm-up
-    mid-run; it is refused before anything is written, naming the first setting that differs."""
+    """A paper-recipe checkpoint resumed with the first study's bundle would change its loss weighting and restart the
+    LR warm-up mid-run; it is refused before anything is written, naming the first setting that differs."""
     from ddpm_lightning import schema, train
 
     overrides = [
@@ -166,7 +166,8 @@ def test_resuming_with_another_recipe_is_refused_in_one_line(tmp_path):
     torch.save({"hyper_parameters": dict(paper.hparams), "global_step": 7}, ckpt)
     cfg = schema.compose("config", overrides)
     assert train.resume_from(cfg, tmp_path / "run", paper) == (str(ckpt), 7)
-    fast = train.build_module(schema.compose("config", [*overrides, "recipe=fast"]), ["cat", "ship"])
+    bundle = ["recipe.loss_weighting=min_snr", "recipe.warmup_steps=200", "recipe.lr_decay=cosine"]
+    fast = train.build_module(schema.compose("config", [*overrides, *bundle]), ["cat", "ship"])
     with pytest.raises(
         ConfigError, match=r"was trained with recipe.loss_weighting=none, this run asks recipe.loss_weig"
     ):
@@ -283,10 +284,17 @@ def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
         assert list(cfg.net.attention) == [8, 4], experiment
         assert (cfg.sampler.name, cfg.sampler.eta) == ("ddim", 1.0), experiment
     assert compose("experiment=paper_cpu").recipe.loss_weighting == "none"  # paper_cpu keeps the paper's recipe
-    assert (
-        compose("experiment=cars_cpu").recipe.loss_weighting == "none"
-    )  # recipe=fast lost the study (docs/results/recipes_cpu)
-    assert compose("recipe=fast").recipe.loss_weighting == "min_snr"
+    assert compose("experiment=cars_cpu").recipe.timesteps == "uniform"  # the study's baseline: the paper's recipe
+
+
+def test_recipe_fast_is_what_paid_in_the_second_study_not_the_bundle_that_lost():
+    """docs/results/recipes_cpu: twice the paper's learning rate and the log-SNR Laplace density paid alone; Min-SNR
+    weights, the warm-up with cosine decay and clipping (the first study's bundle) did not."""
+    fast, paper = compose("recipe=fast"), compose("recipe=paper")
+    assert (fast.model.lr, fast.recipe.timesteps) == (2 * paper.model.lr, "laplace")
+    assert dict(fast.recipe, timesteps="uniform") == dict(paper.recipe)  # nothing else changes
+    assert compose("model=improved", "recipe=fast").model.lr == 2e-3  # the recipe comes after the model
+    assert compose("recipe=fast", "model.lr=3e-3").model.lr == 3e-3  # and the command line after both
 
 
 @pytest.mark.parametrize(

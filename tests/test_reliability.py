@@ -42,15 +42,17 @@ def train_cmd(python, root, run_dir, *extra, net=None):
 
 # the smallest net that has every part (attention, class embedding): resume is about the loop, not the width
 TINY_NET = ["net.width=4", "net.emb_dim=16", "net.heads=2", "net.attention=[4]"]
-# every training lever on (Min-SNR weights, warm-up and cosine decay, clipping, dropout, AdamW, the log-SNR timestep
-# density, immiscible noise, the rescaled schedule, post-hoc EMA snapshots): resume stays bit-exact
+# every training lever on (recipe=fast's learning rate and log-SNR timestep density, Min-SNR weights, warm-up and cosine
+# decay, clipping, dropout, AdamW, immiscible noise, the rescaled schedule, post-hoc EMA snapshots): resume is bit-exact
 LEVERS = [
     "recipe=fast",
+    "recipe.loss_weighting=min_snr",
+    "recipe.lr_decay=cosine",
+    "recipe.grad_clip=1.0",
     "recipe.warmup_steps=30",
     "recipe.dropout=0.1",
     "recipe.weight_decay=0.01",
     "recipe.betas=[0.9,0.99]",
-    "recipe.timesteps=laplace",
     "recipe.immiscible=true",
     "schedule.rescale=true",
     "callbacks.posthoc_ema.every_n_steps=20",

@@ -100,7 +100,7 @@ BAD = [  # (entry point, arguments, what the line says)
     ("config", ["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
     (
         "config",
-        ["recipe=fast", "trainer.precision=16-mixed"],
+        ["recipe.grad_clip=1.0", "trainer.precision=16-mixed"],
         "gradient clipping at 1.0 with trainer.precision=16-mixed would clip the grad scaler's scaled gradients",
     ),
     ("config", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 must be >= 1"),
