@@ -64,6 +64,12 @@ def load_run(run: Path) -> dict | None:
     return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc, ancestral=ancestral)
 
 
+def kid_ci(result: dict) -> str:
+    """KID x1e3 and its 95% interval, as the tables print it."""
+    lo, hi = result["kid_ci95"]
+    return f"{result['kid_mean'] * 1e3:.1f} [{lo * 1e3:.1f}, {hi * 1e3:.1f}]"
+
+
 def time_to(points: list[dict], kid: float, s_per_step: float) -> float | None:
     """Seconds until a KID curve first reaches ``kid``, linearly interpolated between its points (None: never)."""
     prev = None
@@ -131,8 +137,8 @@ def main():
         table[name] = row
         lines.append(
             f"| {name} | {label} | {steps:,} | {' -> '.join(str(round(v)) for v in row['fid_along'])} | "
-            f"{f['fid']:.1f} [{f['fid_ci95'][0]:.1f}, {f['fid_ci95'][1]:.1f}] | {k(f['kid_mean'])} "
-            f"[{k(f['kid_ci95'][0])}, {k(f['kid_ci95'][1])}] | {(f['kid_mean'] - mean) * 1e3:+.1f} | "
+            f"{f['fid']:.1f} [{f['fid_ci95'][0]:.1f}, {f['fid_ci95'][1]:.1f}] | {kid_ci(f)} | "
+            f"{(f['kid_mean'] - mean) * 1e3:+.1f} | "
             + ("not reached" if t is None else f"{t / 60:.1f} min ({row['speedup']}x)")
             + f" | {row['verdict']} |"
         )
@@ -162,7 +168,7 @@ def main():
         vals = [(r["final"] if sigma.startswith("checkpoint") else r["posthoc"].get(sigma)) for r in seeds]
         got = [v["kid_mean"] for v in vals if v]
         posthoc[sigma] = got
-        cells = [f"{k(v['kid_mean'])} [{k(v['kid_ci95'][0])}, {k(v['kid_ci95'][1])}]" if v else "n/a" for v in vals]
+        cells = [kid_ci(v) if v else "n/a" for v in vals]
         paired = [v["kid_mean"] - r["final"]["kid_mean"] for v, r in zip(vals, seeds, strict=True) if v]
         posthoc_lines.append(
             f"| {sigma if sigma.startswith('checkpoint') else 'sigma_rel ' + sigma} | {' | '.join(cells)} | "
@@ -177,12 +183,7 @@ def main():
         ancestral_lines = [
             "| run | KID x1e3, DDIM 50 eta = 1, N = 1,000 [95%] | KID x1e3, ancestral 500 steps, N = 500 [95%] |",
             "| --- | --- | --- |",
-            *(
-                f"| {name} | {k(r['final']['kid_mean'])} [{k(r['final']['kid_ci95'][0])}, "
-                f"{k(r['final']['kid_ci95'][1])}] | {k(r['ancestral']['kid_mean'])} "
-                f"[{k(r['ancestral']['kid_ci95'][0])}, {k(r['ancestral']['kid_ci95'][1])}] |"
-                for name, r in both.items()
-            ),
+            *(f"| {name} | {kid_ci(r['final'])} | {kid_ci(r['ancestral'])} |" for name, r in both.items()),
             f"\nSpearman's rank correlation of the two columns: {rho:.2f} over {len(both)} runs.",
         ]
     floor = seeds[0]["final"]
@@ -207,16 +208,16 @@ def main():
     fig = matplotlib.figure.Figure(figsize=(8, 5))
     ax = fig.subplots()
     steps = [a["step"] for a in seeds[0]["along"]]
-    band = [[s["along"][i]["kid"] * 1e3 for s in seeds] for i in range(len(steps))]
     minutes = [s * costs["16"] / 60 for s in steps]
-    ax.fill_between(minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label="paper, seed range")
-    ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
-    fast_runs = [runs[f] for f in FAST if f in runs]
-    if len(fast_runs) >= 2:  # recipe=fast's seeds as a band too
-        band = [[r["along"][i]["kid"] * 1e3 for r in fast_runs] for i in range(len(steps))]
+    for label, group in [("paper", seeds), ("recipe=fast", [runs[f] for f in FAST if f in runs])]:
+        if len(group) < 2:
+            continue
+        band = [[r["along"][i]["kid"] * 1e3 for r in group] for i in range(len(steps))]
         ax.fill_between(
-            minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label="recipe=fast, seed range"
+            minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label=f"{label}, seed range"
         )
+        if label == "paper":
+            ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
     for name, r in runs.items():
         if name not in SEEDS and name not in FAST:
             cost = costs[LEVERS[name][1]]
