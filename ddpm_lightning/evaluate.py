@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> None:
     results = dict(
         model="images" if module is None else "improved" if hp.conditional else "simple",
         classes=class_names,
-        sampler=None if sampler is None else sampler["name"],
+        sampler=None if sampler is None else sampler["name"] + (" (x_0 clipped)" if sampler.get("clip_x0") else ""),
         steps=None
         if sampler is None
         else sampler.get("steps", hp.schedule["T"] if sampler["name"] == "ancestral" else None),

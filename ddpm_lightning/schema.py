@@ -91,6 +91,7 @@ class RecipeConfig:
 class AncestralSampler:
     name: str = setting("the sampler", ["ancestral", "ddim", "dpm_solver"])
     variance: str = setting("sigma_t^2 of Algorithm 2", ["beta", "posterior"])
+    clip_x0: bool = setting("clip each step's predicted x_0 to [-1, 1] (DDPM's released code); false: as printed")
 
 
 @dataclass
@@ -99,6 +100,7 @@ class DDIMSampler:
     steps: int = setting("network calls per image, at most schedule.T")
     eta: float = setting("0: deterministic DDIM, 1: the DDPM posterior variance")
     spacing: str = setting("how the steps are spread over 0..T", ["uniform", "quadratic"])
+    clip_x0: bool = setting("clip each step's predicted x_0 to [-1, 1] (DDPM's released code); false: as printed")
 
 
 @dataclass
@@ -106,6 +108,7 @@ class DPMSolverSampler:
     name: str = setting("the sampler", ["ancestral", "ddim", "dpm_solver"])
     steps: int = setting("network calls per image, at most schedule.T")
     spacing: str = setting("how the steps are spread over 0..T", ["uniform", "quadratic"])
+    clip_x0: bool = setting("clip each step's predicted x_0 to [-1, 1] (DDPM's released code); false: as printed")
 
 
 @dataclass

@@ -117,3 +117,46 @@ def test_uniform_spacing_is_diffusers_trailing():
         ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing="trailing")
         ref.set_timesteps(steps)
         assert ref.timesteps.tolist() == timesteps(T, steps, "uniform")
+
+
+def assert_clipping_bites(ours_clipped, ours):
+    """The clip changed the trajectory: the stand-in network's x_0 predictions leave [-1, 1]."""
+    assert (ours_clipped[-1][0] - ours[-1][0]).abs().max() > 1e-3
+
+
+def test_ancestral_clip_x0_equals_ddpm_scheduler_clip_sample():
+    ours, ref = float64_pair(diffusers.DDPMScheduler, "linear", T, variance_type="fixed_large", clip_sample=True)
+    clipped = trajectory(ancestral, ours, x_T(), 1, clip_x0=True)
+    assert_clipping_bites(clipped, trajectory(ancestral, ours, x_T(), 1))
+    assert_every_step_equal(ref, clipped)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddim_clip_x0_equals_ddim_scheduler_clip_sample(kind):
+    """With the eps re-derived from the clipped x_0 (diffusers' use_clipped_model_output; guided-diffusion's ddim)."""
+    ours, ref = float64_pair(
+        diffusers.DDIMScheduler, kind, 25, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing"
+    )
+    clipped = trajectory(ddim, ours, x_T(), 1, steps=25, eta=0.5, clip_x0=True)
+    assert_clipping_bites(clipped, trajectory(ddim, ours, x_T(), 1, steps=25, eta=0.5))
+    assert_every_step_equal(ref, clipped, eta=0.5, use_clipped_model_output=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpm_solver_clip_x0_equals_thresholding_at_one(kind):
+    """diffusers' dynamic thresholding with ratio 1 and sample_max_value 1 is the clip of x_0 to [-1, 1]."""
+    ours, ref = float64_pair(
+        diffusers.DPMSolverMultistepScheduler,
+        kind,
+        20,
+        "quadratic",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        thresholding=True,
+        dynamic_thresholding_ratio=1.0,
+        sample_max_value=1.0,
+    )
+    clipped = trajectory(dpm_solver, ours, x_T(), 1, steps=20, spacing="quadratic", clip_x0=True)
+    assert_clipping_bites(clipped, trajectory(dpm_solver, ours, x_T(), 1, steps=20, spacing="quadratic"))
+    assert_every_step_equal(ref, clipped)

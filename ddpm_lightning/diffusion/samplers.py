@@ -3,6 +3,8 @@
 ``t`` passed to eps_fn is the 0-based step index of schedule.py (paper step t = index + 1). Classifier-free
 guidance is already inside eps_fn (guidance.guided), so every sampler makes one network call per step.
 ``callback(i, x)``, if given, sees the state after each step (i: index of the step just taken).
+``clip_x0``: every step clips its predicted x_0 to the data's [-1, 1], as DDPM's and guided-diffusion's released
+samplers do (clip_denoised; diffusers' clip_sample); false: the equations as printed.
 """
 
 from typing import Callable
@@ -14,6 +16,12 @@ from ddpm_lightning.diffusion.schedule import Schedule
 from ddpm_lightning.errors import ConfigError
 
 StepCallback = Callable[[int, torch.Tensor], None] | None
+
+
+def clipped(x: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted x_0 clipped to [-1, 1], and the eps that predicts it from x_t (eq. 3 solved both ways)."""
+    x0 = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+    return x0, (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
 
 
 def timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
@@ -47,6 +55,7 @@ def ancestral(
     generator: torch.Generator | None = None,
     variance: str = "beta",
     callback: StepCallback = None,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """Algorithm 2 of the paper over all T steps.
 
@@ -62,6 +71,8 @@ def ancestral(
     t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for i in reversed(range(schedule.T)):
         eps = eps_fn(x, t.fill_(i))
+        if clip_x0:  # eq. 7 with this eps is the mean of q(x_{t-1} | x_t, clipped x_0)
+            eps = clipped(x, eps, schedule.alpha_bar[i])[1]
         x = inv_sqrt_alpha[i] * (x - coef_eps[i] * eps)  # mu_theta(x_t, t), eq. 7
         if i > 0:  # z ~ N(0, I) if t > 1, else z = 0 (Algorithm 2, line 3)
             x = x + sigma[i] * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -80,6 +91,7 @@ def ddim(
     eta: float = 0.0,
     spacing: str = "uniform",
     callback: StepCallback = None,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) over a subsequence tau of the steps; eta = 0 is deterministic, eta = 1
     has the DDPM posterior variance. The step after tau_1 lands on x_0 (alpha_bar = 1)."""
@@ -92,6 +104,8 @@ def ddim(
         ab_t, ab_s = ab[i], (ab[seq[k + 1]] if k + 1 < len(seq) else one)
         eps = eps_fn(x, t.fill_(i))
         x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()  # predicted x_0
+        if clip_x0:
+            x0, eps = clipped(x, eps, ab_t)
         sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()  # sigma_tau(eta), eq. 16
         x = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps  # eq. 12
         if eta > 0:
@@ -110,6 +124,7 @@ def dpm_solver(
     steps: int = 20,
     spacing: str = "uniform",
     callback: StepCallback = None,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction, with alpha_t = sqrt(alpha_bar_t),
     sigma_t = sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t). The first step and the last one, into
@@ -124,6 +139,8 @@ def dpm_solver(
     for k, i in enumerate(seq):
         eps = eps_fn(x, t.fill_(i))
         x0 = (x - sigma[i] * eps) / alpha[i]  # data prediction
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         if k + 1 == len(seq):  # into sigma = 0: x_0 is the data prediction itself
             x = x0
         else:
