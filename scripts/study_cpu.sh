@@ -10,6 +10,7 @@
 #   bash scripts/study_cpu.sh                 (all runs, in the order below)
 #   bash scripts/study_cpu.sh paper_s0 rescale  (only these; "posthoc": the post-hoc EMA lengths of the paper seeds)
 #   bash scripts/study_cpu.sh ancestral paper_s0 rescale  (those final checkpoints with the paper's sampler, N = 500)
+#   bash scripts/study_cpu.sh clipped paper_s0 rescale    (with DDIM 50 eta = 1 clipping its predicted x_0, N = 1,000)
 # The study ran from a git worktree of a fixed commit (PY, OUT, DOCS and CACHE pointing back), so that edits made
 # while it ran could not enter a run that started later.
 set -euo pipefail
@@ -71,21 +72,26 @@ posthoc() {  # name sigma_rel: the final checkpoint with the post-hoc EMA of tha
   cp "$OUT/$name.posthoc_$sigma.log" "$DOCS/$name/"
   echo "$name: ema_length=$sigma done $(date -u +%H:%M)"
 }
-ancestral() {  # name: the final checkpoint with the paper's sampler (Algorithm 2 over all T = 500 steps), N = 500
-  local name=$1
+again() {  # tag name: the final checkpoint scored again, ancestral: the paper's sampler (Algorithm 2 over all T = 500
+  # steps), N = 500; clipped: DDIM 50 eta = 1 with each step's predicted x_0 clipped to [-1, 1], N = 1,000
+  local tag=$1 name=$2 s
   local m="metrics.inception_weights=$WEIGHTS metrics.reference_split=train metrics.batch_size=100 metrics.cache_dir=$CACHE data.root=$DATA"
-  [ -f "$DOCS/$name/final_ancestral.json" ] && return 0
-  OMP_NUM_THREADS=1 $PY evaluate.py ckpt="$OUT/$name/checkpoints/last.ckpt" sampler=ancestral metrics.num_samples=500 \
-    logger=csv $m hydra.run.dir="$OUT/$name/final_ancestral" >> "$OUT/$name.final_ancestral.log" 2>&1 \
-    || { echo "$name: evaluate.py sampler=ancestral failed, see $OUT/$name.final_ancestral.log"; return 1; }
-  cp "$OUT/$name/final_ancestral/results.json" "$DOCS/$name/final_ancestral.json"
-  cp "$OUT/$name.final_ancestral.log" "$DOCS/$name/"
-  echo "$name: ancestral done $(date -u +%H:%M)"
+  case $tag in
+    ancestral) s="sampler=ancestral metrics.num_samples=500" ;;
+    clipped) s="sampler=ddim_eta1 sampler.clip_x0=true metrics.num_samples=1000" ;;
+  esac
+  [ -f "$DOCS/$name/final_$tag.json" ] && return 0
+  OMP_NUM_THREADS=1 $PY evaluate.py ckpt="$OUT/$name/checkpoints/last.ckpt" $s logger=csv $m \
+    hydra.run.dir="$OUT/$name/final_$tag" >> "$OUT/$name.final_$tag.log" 2>&1 \
+    || { echo "$name: evaluate.py ($tag) failed, see $OUT/$name.final_$tag.log"; return 1; }
+  cp "$OUT/$name/final_$tag/results.json" "$DOCS/$name/final_$tag.json"
+  cp "$OUT/$name.final_$tag.log" "$DOCS/$name/"
+  echo "$name: $tag done $(date -u +%H:%M)"
 }
-export -f one posthoc ancestral
+export -f one posthoc again
 
-if [ "${1:-}" = ancestral ]; then  # 10x a DDIM 50 final's sampling per image, so only the runs named
-  shift; printf '%s\n' "$@" | xargs -P "$LANES" -L 1 bash -c 'ancestral "$1"' _; exit
+if [ "${1:-}" = ancestral ] || [ "${1:-}" = clipped ]; then  # only the runs named (ancestral: 5x a DDIM final's cost)
+  tag=$1; shift; printf '%s\n' "$@" | xargs -P "$LANES" -L 1 bash -c 'again "$@"' _ "$tag"; exit
 fi
 if [ $# -gt 0 ]; then RUNS=$(printf '%s\n' "$RUNS" | grep -E "^($(IFS='|'; echo "$*")) " || true); fi
 echo "study start $(date -u +%F' '%H:%M) at $(git rev-parse --short HEAD), $LANES lanes"

@@ -2,8 +2,8 @@
 docs/results/recipes_cpu/runs/<run>/: the FID/KID points along each run (N = 500, its metrics.csv), its final
 evaluation (N = 1,000, final_ddim.json) and the paper seeds' post-hoc EMA lengths (posthoc_<sigma_rel>.json). Wall
 times are steps x the per-step cost of bench/width_cost.py (measured side by side on an idle CPU), because the runs
-shared the CPU two or three at a time. Final checkpoints scored with the ancestral sampler (final_ancestral.json) get a
-second table and the rank correlation of the two samplers' KIDs.
+shared the CPU two or three at a time. Final checkpoints scored again, with the ancestral sampler (final_ancestral.json)
+or with DDIM clipping its predicted x_0 (final_clipped.json), get a table each and the rank correlation of the KIDs.
 
 A lever counts when its final KID (N = 1,000) is further from the paper seeds' mean than the seeds' spread (max - min)
 and its 95% interval does not reach that mean; otherwise it is within the noise.
@@ -38,6 +38,10 @@ LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "width12": ("net.width=12, 3,711 steps (equal compute)", "12"),
     "width24": ("net.width=24, 1,595 steps (equal compute)", "24"),
 }
+AGAIN = {  # final checkpoints scored again by scripts/study_cpu.sh <tag> (final_<tag>.json): title, column
+    "ancestral": ("The final checkpoints with the paper's sampler", "ancestral 500 steps, N = 500"),
+    "clipped": ("The final checkpoints with the predicted x_0 clipped", "the same, sampler.clip_x0=true, N = 1,000"),
+}
 
 
 def along(run: Path) -> list[dict]:
@@ -59,9 +63,12 @@ def load_run(run: Path) -> dict | None:
     if not final.is_file():
         return None
     posthoc = {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in sorted(run.glob("posthoc_*.json"))}
-    ancestral = run / "final_ancestral.json"
-    ancestral = json.loads(ancestral.read_text()) if ancestral.is_file() else None
-    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc, ancestral=ancestral)
+    again = {
+        tag: json.loads((run / f"final_{tag}.json").read_text())
+        for tag in AGAIN
+        if (run / f"final_{tag}.json").is_file()
+    }
+    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc, again=again)
 
 
 def kid_ci(result: dict) -> str:
@@ -174,18 +181,25 @@ def main():
             f"| {sigma if sigma.startswith('checkpoint') else 'sigma_rel ' + sigma} | {' | '.join(cells)} | "
             f"{k(sum(got) / len(got)) if got else 'n/a'} | {', '.join(f'{d * 1e3:+.1f}' for d in paired)} |"
         )
-    both = {name: r for name, r in runs.items() if r["ancestral"]}
-    ancestral_lines = []
-    if len(both) >= 3:  # does the ranking by DDIM 50 eta = 1 hold with the paper's sampler?
-        ddim = [r["final"]["kid_mean"] for r in both.values()]
-        anc = [r["ancestral"]["kid_mean"] for r in both.values()]
-        rho = scipy.stats.spearmanr(ddim, anc).statistic
-        ancestral_lines = [
-            "| run | KID x1e3, DDIM 50 eta = 1, N = 1,000 [95%] | KID x1e3, ancestral 500 steps, N = 500 [95%] |",
-            "| --- | --- | --- |",
-            *(f"| {name} | {kid_ci(r['final'])} | {kid_ci(r['ancestral'])} |" for name, r in both.items()),
-            f"\nSpearman's rank correlation of the two columns: {rho:.2f} over {len(both)} runs.",
-        ]
+    again_text = ""
+    for tag, (title, column) in AGAIN.items():  # does the ranking by DDIM 50 eta = 1 hold with another sampler?
+        both = {name: r for name, r in runs.items() if tag in r["again"]}
+        if len(both) < 3:
+            continue
+        rho = scipy.stats.spearmanr(
+            [r["final"]["kid_mean"] for r in both.values()], [r["again"][tag]["kid_mean"] for r in both.values()]
+        ).statistic
+        again_text += "\n".join(
+            [
+                f"\n{title}:\n",
+                f"| run | KID x1e3, DDIM 50 eta = 1, N = 1,000 [95%] | KID x1e3, {column} [95%] |",
+                "| --- | --- | --- |",
+                *(f"| {name} | {kid_ci(r['final'])} | {kid_ci(r['again'][tag])} |" for name, r in both.items()),
+                f"\nSpearman's rank correlation of the two columns: {rho:.2f} over {len(both)} runs.\n",
+            ]
+        )
+        for name, r in both.items():
+            table[name][f"kid_{tag}"] = r["again"][tag]["kid_mean"]
     floor = seeds[0]["final"]
     text = (
         "\n".join(lines)
@@ -194,15 +208,9 @@ def main():
         "of bench/width_cost.py.\n\nPost-hoc EMA of the paper seeds (KID x1e3, N = 1,000):\n\n"
         + "\n".join(posthoc_lines)
         + "\n"
-        + (
-            "\nThe final checkpoints with the paper's sampler:\n\n" + "\n".join(ancestral_lines) + "\n"
-            if ancestral_lines
-            else ""
-        )
+        + again_text
     )
     write_text(out / "table.md", text, "the study's table")
-    for name, r in both.items():
-        table[name]["kid_ancestral"] = r["ancestral"]["kid_mean"]
     write_json(out / "study.json", dict(seeds=dict(kid_mean=mean, kid_spread=spread), runs=table, posthoc=posthoc))
 
     fig = matplotlib.figure.Figure(figsize=(8, 5))
