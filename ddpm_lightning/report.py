@@ -195,8 +195,10 @@ def summary(results: dict) -> dict:
                 "data": data_name(run),
                 "first_fid": ev[0]["fid"] if ev else None,
                 "first_epochs": ev[0]["epochs"] if ev else None,
+                "first_step": ev[0]["step"] + 1 if ev else None,  # optimizer steps taken (the CSV's step is 0-based)
                 "last_fid": ev[-1]["fid"] if ev else None,
                 "last_epochs": ev[-1]["epochs"] if ev else None,
+                "last_step": ev[-1]["step"] + 1 if ev else None,
                 "last_is": ev[-1]["is_mean"] if ev else None,
                 **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
                 "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
@@ -389,7 +391,7 @@ def table(results: dict) -> str:
     sd = s["noise"]["sd"]
     fmt = lambda v, p=1: "" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = [
-        "| model | data | first FID (epoch) | last FID (epoch) | drop / noise sd | last IS | floor FID | best w (FID) | final loss | "
+        "| model | data | first FID (epoch, step) | last FID (epoch, step) | drop / noise sd | last IS | floor FID | best w (FID) | final loss | "
         "last KID x1e3 | last class agreement | last memorized |",
         "|" + " --- |" * 12,
     ]
@@ -397,7 +399,8 @@ def table(results: dict) -> str:
         best = "" if r["best_w"] is None else f"{r['best_w']:g} ({r['best_w_fid']:.1f})"
         kid = None if r["last_kid_mean"] is None else r["last_kid_mean"] * 1e3
         lines.append(
-            f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}) | {fmt(r['last_fid'])} ({r['last_epochs']}) | "
+            f"| {r['model']} | {r['data']} | {fmt(r['first_fid'])} ({r['first_epochs']}, {r['first_step']}) | "
+            f"{fmt(r['last_fid'])} ({r['last_epochs']}, {r['last_step']}) | "
             f"{fmt(r['drop_in_sd'])} | {fmt(r['last_is'], 2) or 'unavailable'} | {fmt(r['floor_fid'])} | "
             f"{best} | {fmt(r['final_loss'], 4)} | {fmt(kid)} | {fmt(r['last_class_acc'], 3)} | {fmt(r['last_memorized'], 3)} |"
         )
