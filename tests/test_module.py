@@ -250,7 +250,10 @@ def test_training_steps_make_no_host_device_traffic_but_the_reads_the_design_nam
 
 
 @pytest.mark.parametrize("sampler", [SAMPLER, dict(name="ddim", steps=5, eta=1.0, spacing="quadratic"),
-                                     dict(name="dpm_solver", steps=5, spacing="uniform")], ids=lambda s: s["name"])  # fmt: skip
+                                     dict(name="dpm_solver", steps=5, spacing="uniform"), dict(SAMPLER, clip_x0=True),
+                                     dict(name="ddim", steps=5, eta=1.0, spacing="quadratic", clip_x0=True),
+                                     dict(name="dpm_solver", steps=5, spacing="uniform", clip_x0=True)],
+                         ids=lambda s: s["name"] + ("_clip_x0" if s.get("clip_x0") else ""))  # fmt: skip
 def test_sampler_steps_make_no_host_device_traffic(sampler):
     """After the set-up of a batch (its noise, the sampler's coefficients), each step of each sampler, guidance
     included, makes no tensor from host data, copies nothing between devices and reads nothing back."""

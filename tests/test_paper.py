@@ -82,7 +82,7 @@ def test_all_three_stages_write_their_results(paper_run):
     summary = json.loads((report / "results.json").read_text())["summary"]
     improved = next(r for r in summary["rows"] if r["name"] == "improved_cars")
     assert improved["first_epochs"] == 1 and improved["last_epochs"] == 2 and improved["best_w"] in (0.0, 1.0)
-    assert improved["first_step"] >= 1 and improved["last_step"] == 2 * improved["first_step"]  # steps taken, not 0-based
+    assert improved["first_step"] >= 1 and improved["last_step"] == 2 * improved["first_step"]  # steps, 1-based
     pair = summary["noise"]["pairs"]["improved_cars"]  # the final model at its trained w (1), scored with two seeds
     assert pair["training"] == improved["last_fid"] and pair["again"] == sweep[1]["fid"] and summary["noise"]["sd"] > 0
 
