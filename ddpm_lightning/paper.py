@@ -140,6 +140,7 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
                 ],
             )
         )
+    sampler = [f"sampler={cfg.sampler.name}", *(f"sampler.{k}={v}" for k, v in cfg.sampler.items() if k != "name")]
     for model, data in names:
         name = f"{model}_{data}"
         ckpt = out / "train" / name / "checkpoints" / "last.ckpt"
@@ -151,6 +152,7 @@ def plan(argv: list[str]) -> tuple[DictConfig, list[tuple[str, list[str]]]]:
                     str(ROOT / "sample.py"),
                     f"ckpt={ckpt}",
                     f"n={p.samples}",
+                    *sampler,  # the sampler the run's grids and scores use, not sample.py's default
                     "strips.reverse=true",
                     "strips.forward=true",
                     f"data.root={cfg.data.root}",

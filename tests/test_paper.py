@@ -227,6 +227,16 @@ def test_make_paper_takes_the_slurm_launcher_for_every_multirun():
             ) and "trainer.devices=4" not in command
 
 
+def test_the_samples_stage_draws_with_the_sampler_the_run_scores_with():
+    from ddpm_lightning.paper import plan
+
+    _, stages = plan(["experiment=five_class_cpu"])
+    samples = dict(stages)["samples improved_five_class"]
+    assert {"sampler=ddim", "sampler.steps=50", "sampler.eta=1.0", "sampler.spacing=quadratic"} <= set(samples)
+    _, stages = plan([])
+    assert {"sampler=ancestral", "sampler.variance=beta"} <= set(dict(stages)["samples improved_cars"])
+
+
 def test_the_report_draws_one_grid_per_class_and_the_class_agreement_of_a_sweep(tmp_path):
     import numpy as np
 
