@@ -68,7 +68,7 @@ def load_train(run: Path) -> dict:
     evals = [
         {
             "epochs": int(r["epoch"]) + 1,
-            "step": int(r["step"]),
+            "step": int(r["step"]) + 1,  # optimizer steps taken (the CSV's step is 0-based)
             "is_std": number(r.get("val/is_std")),
             **{key: number(r.get(f"val/{key}")) for key in SCORES + [f"{k}_floor" for k in FLOORED]},
             **{
@@ -195,10 +195,10 @@ def summary(results: dict) -> dict:
                 "data": data_name(run),
                 "first_fid": ev[0]["fid"] if ev else None,
                 "first_epochs": ev[0]["epochs"] if ev else None,
-                "first_step": ev[0]["step"] + 1 if ev else None,  # optimizer steps taken (the CSV's step is 0-based)
+                "first_step": ev[0]["step"] if ev else None,
                 "last_fid": ev[-1]["fid"] if ev else None,
                 "last_epochs": ev[-1]["epochs"] if ev else None,
-                "last_step": ev[-1]["step"] + 1 if ev else None,
+                "last_step": ev[-1]["step"] if ev else None,
                 "last_is": ev[-1]["is_mean"] if ev else None,
                 **{f"last_{key}": ev[-1].get(key) if ev else None for key in ("kid_mean", "class_acc", "memorized")},
                 "drop_in_sd": (ev[0]["fid"] - ev[-1]["fid"]) / sd if ev and sd else None,
