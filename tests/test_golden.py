@@ -12,7 +12,7 @@ GOLDEN = torch.load(ROOT / "tests" / "golden" / "images.pt", weights_only=True)
 CHECKPOINTS = {
     "simple_smoke": ROOT / "tests" / "golden" / "simple_smoke.ckpt",
     "improved_smoke": ROOT / "tests" / "golden" / "improved_smoke.ckpt",
-    "five_class_cpu": ROOT / "docs" / "results" / "five_class_cpu" / "final.ckpt",
+    "five_class_cpu": ROOT / "docs" / "results" / "five_class_cpu" / "paper_recipe" / "final.ckpt",
 }
 
 

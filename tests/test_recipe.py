@@ -285,6 +285,8 @@ def test_the_cpu_presets_take_the_fast_attention_and_the_honest_sampler():
         assert (cfg.sampler.name, cfg.sampler.eta) == ("ddim", 1.0), experiment
     assert compose("experiment=paper_cpu").recipe.loss_weighting == "none"  # paper_cpu keeps the paper's recipe
     assert compose("experiment=cars_cpu").recipe.timesteps == "uniform"  # the study's baseline: the paper's recipe
+    five = compose("experiment=five_class_cpu")  # recipe=fast lost on the five classes (docs/results/five_class_cpu)
+    assert (five.model.lr, five.recipe.timesteps) == (1e-3, "uniform")
 
 
 def test_recipe_fast_is_what_paid_in_the_second_study_not_the_bundle_that_lost():
