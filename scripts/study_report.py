@@ -35,8 +35,8 @@ LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "lr_x2": ("model.lr=2e-3", "16"),
     "lr_x0.5": ("model.lr=5e-4", "16"),
     "dropout": ("recipe.dropout=0.1", "16"),
-    "width12": ("net.width=12, 3,711 steps (equal compute)", "12"),
-    "width24": ("net.width=24, 1,595 steps (equal compute)", "24"),
+    "width12": ("net.width=12 (width 16's compute)", "12"),
+    "width24": ("net.width=24 (width 16's compute)", "24"),
 }
 AGAIN = {  # final checkpoints scored again by scripts/study_cpu.sh <tag> (final_<tag>.json): title, column
     "ancestral": ("The final checkpoints with the paper's sampler", "ancestral 500 steps, N = 500"),
@@ -44,9 +44,9 @@ AGAIN = {  # final checkpoints scored again by scripts/study_cpu.sh <tag> (final
 }
 
 
-def along(run: Path) -> list[dict]:
-    """The FID/KID points along a run (N = 500), from its CSV log."""
-    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/fid")]
+def along(run: Path) -> tuple[list[dict], int]:
+    """The FID/KID points along a run (N = 500) and the steps it took, from its CSV log."""
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
     return [
         dict(
             step=int(r["step"]) + 1,
@@ -55,7 +55,8 @@ def along(run: Path) -> list[dict]:
             kid_ci95=[float(r["val/kid_ci95_low"]), float(r["val/kid_ci95_high"])],
         )
         for r in rows
-    ]
+        if r.get("val/fid")
+    ], max(int(r["step"]) for r in rows) + 1
 
 
 def load_run(run: Path) -> dict | None:
@@ -68,7 +69,8 @@ def load_run(run: Path) -> dict | None:
         for tag in AGAIN
         if (run / f"final_{tag}.json").is_file()
     }
-    return dict(along=along(run), final=json.loads(final.read_text()), posthoc=posthoc, again=again)
+    points, steps = along(run)
+    return dict(along=points, steps=steps, final=json.loads(final.read_text()), posthoc=posthoc, again=again)
 
 
 def kid_ci(result: dict) -> str:
@@ -128,7 +130,7 @@ def main():
             "16",
         )
         t = time_to(r["along"], target, costs[case])
-        steps = r["along"][-1]["step"]
+        steps = r["steps"]
         row = dict(
             lever=label,
             steps=steps,
