@@ -2,7 +2,7 @@
 # Issue 27's study (docs/results/recipes_cpu): each lever alone against the paper's recipe at equal steps, on the shared
 # cars, the width-16 net with attention at [8, 4], 3,120 steps of batch 64 (40 epochs), the paper recipe with three
 # seeds for the seed-to-seed spread, then recipe=fast (what paid alone, combined; the last override of recipe wins)
-# with the same seeds. Along each run FID/KID at N = 500 every 10 epochs (four points); at the end evaluate.py at
+# with the same seeds, and the lever that paid most (model.lr=2e-3) with seeds 1 and 2 too. Along each run FID/KID at N = 500 every 10 epochs (four points); at the end evaluate.py at
 # N = 1,000; all with DDIM 50, eta = 1 and the same noise. The paper seeds keep post-hoc EMA snapshots.
 # LANES processes at a time, one thread each: budgets are steps, so sharing the CPU changes wall times only (they are
 # converted from steps by the side-by-side per-step costs of bench/step_cost.py, not read off the clocks).
@@ -40,7 +40,9 @@ width12 net.width=12 net.emb_dim=48 trainer.max_epochs=60 trainer.max_steps=3711
 width24 net.width=24 net.emb_dim=96 net.heads=4 trainer.max_epochs=60 trainer.max_steps=1595
 fast_s0 recipe=fast seed=0
 fast_s1 recipe=fast seed=1
-fast_s2 recipe=fast seed=2'
+fast_s2 recipe=fast seed=2
+lr_x2_s1 model.lr=2e-3 seed=1
+lr_x2_s2 model.lr=2e-3 seed=2'
 # widths at width 16's compute: steps x its cost per step over theirs, side by side on an idle CPU (bench/width_cost.py)
 POSTHOC='0.05 0.10 0.20'  # EMA lengths (sigma_rel) reconstructed from the paper seeds' snapshots, scored at N = 1,000
 

@@ -24,7 +24,10 @@ from ddpm_lightning.files import save_figure, write_json, write_text
 
 matplotlib.use("Agg")
 SEEDS = ["paper_s0", "paper_s1", "paper_s2"]
-FAST = ["fast_s0", "fast_s1", "fast_s2"]  # recipe=fast: what paid alone, combined, with the paper's seeds
+GROUPS = {  # runs of one recipe with the paper's seeds 0/1/2: a summary row and a band each
+    "recipe=fast": ["fast_s0", "fast_s1", "fast_s2"],  # what paid alone, combined
+    "model.lr=2e-3": ["lr_x2", "lr_x2_s1", "lr_x2_s2"],  # the lever that paid most, with its noise
+}
 LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "rescale": ("schedule.rescale=true (betas x 1000/T)", "16"),
     "cosine_schedule": ("schedule=cosine", "16"),
@@ -33,6 +36,8 @@ LEVERS = {  # run: (what it changes, the cost case of bench/width_cost.py)
     "min_snr": ("recipe.loss_weighting=min_snr (gamma 5)", "16"),
     "warmup": ("recipe.warmup_steps=200", "16"),
     "lr_x2": ("model.lr=2e-3", "16"),
+    "lr_x2_s1": ("model.lr=2e-3, seed 1", "16"),
+    "lr_x2_s2": ("model.lr=2e-3, seed 2", "16"),
     "lr_x0.5": ("model.lr=5e-4", "16"),
     "dropout": ("recipe.dropout=0.1", "16"),
     "width12": ("net.width=12 (width 16's compute)", "12"),
@@ -105,7 +110,7 @@ def main():
     args = p.parse_args()
     out = Path(args.out)
     costs = {str(r["width"]): r["s_per_step"] for r in json.loads(Path(args.costs).read_text())["rows"]}
-    runs = {name: load_run(out / "runs" / name) for name in [*SEEDS, *LEVERS, *FAST]}
+    runs = {name: load_run(out / "runs" / name) for name in [*SEEDS, *LEVERS, *GROUPS["recipe=fast"]]}
     runs = {k: v for k, v in runs.items() if v is not None}
     seeds = [runs[s] for s in SEEDS if s in runs]
     if len(seeds) < 2:
@@ -155,14 +160,18 @@ def main():
         f"| paper, {len(seeds)} seeds | mean, spread (max - min) | | | | {k(mean)}, spread {k(spread)} | | "
         f"{paper_time / 60:.1f} min | |"
     )
-    fast = [table[f] for f in FAST if f in table]
-    if fast:  # time to quality: the fast seeds' mean time to the paper's final KID against the paper's time
-        kf = [r["kid"] for r in fast]
-        times = [r["minutes_to_paper_kid"] for r in fast]
+    groups = {}
+    for label, names in GROUPS.items():  # time to quality: the seeds' mean time to the paper's final KID
+        group = [table[n] for n in names if n in table]
+        if len(group) < 2:
+            continue
+        kf = [r["kid"] for r in group]
+        times = [r["minutes_to_paper_kid"] for r in group]
         reached = None not in times
         ratio = paper_time / 60 / (sum(times) / len(times)) if reached else None
+        groups[label] = dict(runs=len(group), kid_mean=sum(kf) / len(kf), kid_spread=max(kf) - min(kf), speedup=ratio)
         lines.append(
-            f"| recipe=fast, {len(fast)} seeds | mean, spread (max - min) | | | | {k(sum(kf) / len(kf))}, spread "
+            f"| {label}, {len(group)} seeds | mean, spread (max - min) | | | | {k(sum(kf) / len(kf))}, spread "
             f"{k(max(kf) - min(kf))} | {(sum(kf) / len(kf) - mean) * 1e3:+.1f} | "
             + (f"{sum(times) / len(times):.1f} min ({ratio:.2f}x)" if reached else "not reached by every seed")
             + " | |"
@@ -213,15 +222,21 @@ def main():
         + again_text
     )
     write_text(out / "table.md", text, "the study's table")
-    write_json(out / "study.json", dict(seeds=dict(kid_mean=mean, kid_spread=spread), runs=table, posthoc=posthoc))
+    write_json(
+        out / "study.json",
+        dict(seeds=dict(kid_mean=mean, kid_spread=spread), groups=groups, runs=table, posthoc=posthoc),
+    )
 
     fig = matplotlib.figure.Figure(figsize=(8, 5))
     ax = fig.subplots()
     steps = [a["step"] for a in seeds[0]["along"]]
     minutes = [s * costs["16"] / 60 for s in steps]
-    for label, group in [("paper", seeds), ("recipe=fast", [runs[f] for f in FAST if f in runs])]:
+    banded = set()  # runs drawn as a band of their seeds, not as a line each
+    for label, names in {"paper": SEEDS, **GROUPS}.items():
+        group = [runs[n] for n in names if n in runs]
         if len(group) < 2:
             continue
+        banded |= set(names)
         band = [[r["along"][i]["kid"] * 1e3 for r in group] for i in range(len(steps))]
         ax.fill_between(
             minutes, [min(b) for b in band], [max(b) for b in band], alpha=0.3, label=f"{label}, seed range"
@@ -229,8 +244,8 @@ def main():
         if label == "paper":
             ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
     for name, r in runs.items():
-        if name not in SEEDS and name not in FAST:
-            cost = costs[LEVERS[name][1]]
+        if name not in banded:
+            cost = costs[LEVERS[name][1] if name in LEVERS else "16"]
             ax.plot(
                 [a["step"] * cost / 60 for a in r["along"]], [a["kid"] * 1e3 for a in r["along"]], ".--", label=name
             )
