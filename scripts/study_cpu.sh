@@ -2,8 +2,9 @@
 # Issue 27's study (docs/results/recipes_cpu): each lever alone against the paper's recipe at equal steps, on the shared
 # cars, the width-16 net with attention at [8, 4], 3,120 steps of batch 64 (40 epochs), the paper recipe with three
 # seeds for the seed-to-seed spread, then recipe=fast (what paid alone, combined; the last override of recipe wins)
-# with the same seeds, and the lever that paid most (model.lr=2e-3) with seeds 1 and 2 too. Along each run FID/KID at N = 500 every 10 epochs (four points); at the end evaluate.py at
-# N = 1,000; all with DDIM 50, eta = 1 and the same noise. The paper seeds keep post-hoc EMA snapshots.
+# with the same seeds, and the lever that paid most (model.lr=2e-3) with seeds 1 and 2 too. Along each run FID/KID at
+# N = 500 every 10 epochs (four points); at the end evaluate.py at N = 1,000; all with DDIM 50, eta = 1 and the same
+# noise. The paper seeds keep post-hoc EMA snapshots.
 # LANES processes at a time, one thread each: budgets are steps, so sharing the CPU changes wall times only (they are
 # converted from steps by the side-by-side per-step costs of bench/step_cost.py, not read off the clocks).
 # A rerun skips what is done; each finished run's log, CSV and final results are copied to docs/results/recipes_cpu/runs.
