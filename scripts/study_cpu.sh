@@ -61,7 +61,7 @@ one() {  # name, overrides...: train, then the final evaluation, then copy the s
   cp "$OUT/$name.log" "$OUT/$name.final_ddim.log" "$OUT/$name/csv/metrics.csv" "$DOCS/$name/"
   cp "$OUT/$name/.hydra/overrides.yaml" "$DOCS/$name/overrides.yaml"
   cp "$OUT/$name/final_ddim/results.json" "$DOCS/$name/final_ddim.json"
-  cp "$(ls "$OUT/$name"/samples/*epoch_0039*.png | head -1)" "$DOCS/$name/grid.png" 2>/dev/null || true
+  cp "$(ls "$OUT/$name"/samples/epoch_*.png | tail -1)" "$DOCS/$name/grid.png"  # the last validation grid
   echo "$name: done $(date -u +%H:%M)"
 }
 posthoc() {  # name sigma_rel: the final checkpoint with the post-hoc EMA of that length, at N = 1,000
