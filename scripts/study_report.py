@@ -243,12 +243,17 @@ def main():
         )
         if label == "paper":
             ax.plot(minutes, [sum(b) / len(b) for b in band], "k-", label="paper, seed mean")
-    for name, r in runs.items():
-        if name not in banded:
-            cost = costs[LEVERS[name][1] if name in LEVERS else "16"]
-            ax.plot(
-                [a["step"] * cost / 60 for a in r["along"]], [a["kid"] * 1e3 for a in r["along"]], ".--", label=name
-            )
+    lines = [name for name in runs if name not in banded]
+    for i, name in enumerate(lines):  # tab20: a colour each, past the default cycle's ten
+        cost = costs[LEVERS[name][1] if name in LEVERS else "16"]
+        along = runs[name]["along"]
+        ax.plot(
+            [a["step"] * cost / 60 for a in along],
+            [a["kid"] * 1e3 for a in along],
+            ".--",
+            color=matplotlib.colormaps["tab20"](i % 20),
+            label=name,
+        )
     ax.set(xlabel="minutes of an idle 2-core CPU", ylabel="KID x1e3 (N = 500, DDIM 50 eta 1)", yscale="log")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, out / "study.png", "the study's figure", dpi=120)
